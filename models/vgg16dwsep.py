@@ -1,0 +1,206 @@
+"""VGG16DWSep: a VGG16-like network whose convolutions after the first block are depthwise
+separable, plus helpers to load the first two ImageNet VGG16 convolutions and to count
+parameters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = 4
+"""Number of 2x2 max-poolings: the feature map side is input_size / 2**POOLINGS."""
+
+FEATURE_CHANNELS = 512
+
+PRETRAINED_CONV_KEYS = ("features.0.weight", "features.0.bias", "features.2.weight", "features.2.bias")
+"""The keys of torchvision's VGG16 state dict that `load_vgg16_first_convs` copies."""
+
+
+class DWSepConv2d(nn.Module):
+    """Depthwise (one k x k filter per input channel) then pointwise (1x1) convolution.
+
+    There is no activation between the two: the network applies ReLU after the module.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: int, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels, kernel_size, stride=1, padding=padding, groups=in_channels, bias=bias
+        )
+        self.pointwise = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+@dataclass(frozen=True)
+class _Block:
+    out_channels: int
+    convs: int
+    batch_norm: bool
+    """BatchNorm2d after each ReLU except the last one of the block."""
+    separable: bool
+    """Whether the block uses DWSepConv2d (when the network is built separable)."""
+
+
+_BLOCKS = (
+    _Block(64, 2, batch_norm=False, separable=False),
+    _Block(128, 2, batch_norm=False, separable=True),
+    _Block(256, 3, batch_norm=True, separable=True),
+    _Block(FEATURE_CHANNELS, 3, batch_norm=True, separable=True),
+)
+
+
+def _conv3x3(in_channels: int, out_channels: int, separable: bool) -> nn.Module:
+    if separable:
+        return DWSepConv2d(in_channels, out_channels, kernel_size=3, padding=1)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+
+
+def _make_features(separable: bool) -> nn.Sequential:
+    """Conv -> ReLU [-> BatchNorm2d] per convolution, MaxPool2d(2, 2) after each block.
+
+    The first block is always two plain Conv2d, so they are ``features.0`` and ``features.2``
+    as in torchvision's vgg16 and can take its ImageNet weights.
+    """
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for block in _BLOCKS:
+        for index in range(block.convs):
+            if index > 0 and block.batch_norm:
+                layers.append(nn.BatchNorm2d(in_channels))
+            layers.append(_conv3x3(in_channels, block.out_channels, separable and block.separable))
+            layers.append(nn.ReLU(inplace=True))
+            in_channels = block.out_channels
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def _make_classifier(in_features: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, 1024),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.7),
+        nn.Linear(1024, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    )
+
+
+class VGG16DWSep(nn.Module):
+    """VGG16-like classifier; ``separable=False`` builds it with plain 3x3 convolutions
+    everywhere, for parameter and cost comparisons."""
+
+    def __init__(self, num_classes: int = 2, input_size: int = 224, separable: bool = True) -> None:
+        super().__init__()
+        side = 2**POOLINGS
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % side:
+            raise ValueError(f"input_size must be a positive multiple of {side}, got {input_size!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.input_size = input_size
+        self.separable = separable
+        self.features = _make_features(separable)
+        self.classifier = _make_classifier(FEATURE_CHANNELS * (input_size // side) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(
+                f"expected N x 3 x {self.input_size} x {self.input_size} input, got {tuple(x.shape)}"
+            )
+        return self.classifier(self.features(x))
+
+
+def load_vgg16_first_convs(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy ``features.0`` and ``features.2`` of a torchvision VGG16 state dict into the
+    model's parameters of the same names and freeze them (``requires_grad=False``).
+
+    Every key is checked before anything is copied, so a bad state dict leaves the model as it
+    was.
+    """
+    parameters = dict(model.named_parameters())
+    for key in PRETRAINED_CONV_KEYS:
+        if key not in state_dict:
+            raise ValueError(f"VGG16 state dict has no {key!r}")
+        if key not in parameters:
+            raise ValueError(f"model has no parameter {key!r}")
+        expected, got = tuple(parameters[key].shape), tuple(state_dict[key].shape)
+        if got != expected:
+            raise ValueError(f"shape mismatch for {key!r}: state dict has {got}, model expects {expected}")
+    with torch.no_grad():
+        for key in PRETRAINED_CONV_KEYS:
+            parameters[key].copy_(state_dict[key])
+            parameters[key].requires_grad_(False)
+    logger.info("loaded and froze ImageNet VGG16 %s", ", ".join(PRETRAINED_CONV_KEYS))
+
+
+def _missing_weights_message(url: str, cached_file: Path) -> str:
+    return (
+        f"ImageNet VGG16 weights not found at {cached_file} (torchvision's cache, "
+        f"torch.hub.get_dir()/checkpoints) and they could not be downloaded. On a machine with "
+        f"internet, download {url} and copy it to {cached_file}, or pass --vgg16-weights PATH to "
+        f"use a local copy, or --no-pretrained to train the first convolutions from scratch."
+    )
+
+
+def imagenet_vgg16_state_dict(path: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
+    """torchvision's VGG16 ImageNet state dict, from ``path`` when given, else from the torch
+    hub cache (downloading when online, as torchvision does).
+
+    Raises FileNotFoundError when the file is missing and cannot be downloaded; it never
+    falls back to random weights.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"VGG16 weights file not found: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    cached_file = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    try:
+        return weights.get_state_dict(progress=True, map_location="cpu", weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+        raise FileNotFoundError(_missing_weights_message(weights.url, cached_file)) from error
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer should update (frozen ones left out)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_table(model: nn.Module) -> list[dict[str, str | int]]:
+    """One row ``{name, type, parameters}`` per layer that holds parameters, in model order.
+
+    nn.Sequential containers are opened; any other module (DWSepConv2d included) is one row.
+    """
+    rows: list[dict[str, str | int]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            qualified = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                visit(child, f"{qualified}.")
+            elif count_parameters(child):
+                rows.append({"name": qualified, "type": type(child).__name__, "parameters": count_parameters(child)})
+
+    visit(model, "")
+    return rows

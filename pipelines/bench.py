@@ -1,0 +1,263 @@
+"""Benchmarks: transform toolchains (per step), ``num_workers`` sweep, loaders.
+
+    python -m pipelines.bench                      # everything, tables on stdout
+    python -m pipelines.bench --sections transforms --json out.json
+
+Single-process timings run with one torch and one OpenCV thread, like a DataLoader worker.
+Every ratio in a table is measured in the same run on the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import imageio
+from .transforms import DEFAULT_TOOLCHAIN, TOOLCHAINS, get_toolchain
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: A downscaling decoder is accepted when its evaluation output differs from the plain
+#: chain's (full decode + antialiased bilinear resize) by at most this much, on [0, 1] values.
+PARITY_MEAN_TOL = 2.0 / 255
+PARITY_P99_TOL = 12.0 / 255
+
+
+def single_thread() -> None:
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[str]:
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in imageio.IMAGE_EXTENSIONS)
+    return files[:limit] if limit else files
+
+
+@dataclass
+class ChainTiming:
+    dataset: str
+    toolchain: str
+    images: int
+    steps_ms: dict[str, float]
+    total_ms: float
+    images_per_s: float
+    speedup_vs_plain: float = 1.0
+    parity_mean: float | None = None
+    parity_p99: float | None = None
+    parity_ok: bool | None = None
+
+
+def step_name(step: object) -> str:
+    return type(step).__name__
+
+
+def time_chain(name: str, files: list[str], repeats: int, seed: int = 0) -> tuple[dict[str, float], float]:
+    """Mean ms per image of the decoder and each training step, and of the whole chain."""
+    chain = get_toolchain(name)
+    torch.manual_seed(seed)
+    steps = list(chain.train.transforms)
+    totals = {"decode": 0.0} | {f"{i}:{step_name(s)}": 0.0 for i, s in enumerate(steps)}
+    keys = list(totals)
+    n = 0
+    whole = 0.0
+    for _ in range(repeats):
+        for path in files:
+            t0 = time.perf_counter()
+            x = chain.loader(path)
+            t1 = time.perf_counter()
+            totals["decode"] += t1 - t0
+            for key, step in zip(keys[1:], steps):
+                ta = time.perf_counter()
+                x = step(x)
+                totals[key] += time.perf_counter() - ta
+            whole += time.perf_counter() - t0
+            n += 1
+    return {k: 1000 * v / n for k, v in totals.items()}, 1000 * whole / n
+
+
+def eval_output(name: str, path: str) -> torch.Tensor:
+    chain = get_toolchain(name)
+    return chain.eval(chain.loader(path))
+
+
+def parity(name: str, files: list[str]) -> tuple[float, float]:
+    """Mean and 99th percentile |difference| of ``name``'s evaluation output against plain's."""
+    diffs = [torch.abs(eval_output(name, f) - eval_output("plain", f)).flatten() for f in files]
+    d = torch.cat(diffs)
+    return float(d.mean()), float(torch.quantile(d[:: max(1, d.numel() // 5_000_000)], 0.99))
+
+
+def bench_transforms(datasets: dict[str, list[str]], toolchains: list[str], repeats: int) -> list[ChainTiming]:
+    rows: list[ChainTiming] = []
+    for ds_name, files in datasets.items():
+        plain_ms = None
+        for name in ["plain"] + [t for t in toolchains if t != "plain"]:
+            time_chain(name, files[:4], 1)  # warm-up: imports, allocator
+            steps, total = time_chain(name, files, repeats)
+            row = ChainTiming(ds_name, name, len(files) * repeats, steps, total, 1000 / total)
+            if name == "plain":
+                plain_ms = total
+            else:
+                row.speedup_vs_plain = plain_ms / total
+                row.parity_mean, row.parity_p99 = parity(name, files)
+                row.parity_ok = row.parity_mean <= PARITY_MEAN_TOL and row.parity_p99 <= PARITY_P99_TOL
+            rows.append(row)
+            logger.info("%s %s: %.2f ms/img", ds_name, name, total)
+    return rows
+
+
+def decode_only_ms(files: list[str], name: str = DEFAULT_TOOLCHAIN) -> float:
+    chain = get_toolchain(name)
+    t0 = time.perf_counter()
+    for f in files:
+        chain.loader(f)
+    return 1000 * (time.perf_counter() - t0) / len(files)
+
+
+def loader_images_per_s(loader, epochs: int = 1) -> float:
+    """Images per second over whole epochs of a loader (first batch excluded: worker start-up)."""
+    n = 0
+    start = None
+    for epoch in range(epochs):
+        for images, _labels in loader:
+            if start is None:
+                start = time.perf_counter()
+                continue
+            n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def repeated_sampler(n_files: int, repeats: int) -> list[int]:
+    return [i for _ in range(repeats) for i in range(n_files)]
+
+
+def folder_dataset(files: list[str], loader, transform):
+    """A minimal map-style dataset over a flat list of files (label 0), for loader benchmarks."""
+    from torch.utils.data import Dataset
+
+    class Files(Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, i: int):
+            return transform(loader(files[i])), 0
+
+    return Files()
+
+
+def bench_workers(files: list[str], workers: list[int], repeats: int, batch_size: int) -> list[dict]:
+    from .loaders import TorchvisionLoader
+
+    chain = get_toolchain(DEFAULT_TOOLCHAIN)
+    ds = folder_dataset(files, chain.loader, chain.train)
+    rows = []
+    for w in workers:
+        loader = TorchvisionLoader(ds, repeated_sampler(len(files), repeats), batch_size=batch_size,
+                                   num_workers=w)
+        ips = loader_images_per_s(loader)
+        rows.append({"num_workers": w, "batch_size": batch_size, "images_per_s": ips})
+        logger.info("num_workers=%d: %.1f img/s", w, ips)
+    return rows
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def format_transform_table(rows: list[ChainTiming]) -> str:
+    out = []
+    for ds in dict.fromkeys(r.dataset for r in rows):
+        sub = [r for r in rows if r.dataset == ds]
+        out.append(f"\n## transform chains on {ds} ({sub[0].images} images, 1 process, 1 thread)\n")
+        out.append("| toolchain | decode | steps (ms, in order) | total ms/img | img/s | x plain | parity mean / p99 (x255) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in sub:
+            steps = " / ".join(f"{v:.2f}" for k, v in r.steps_ms.items() if k != "decode")
+            par = "reference" if r.parity_mean is None else (
+                f"{255 * r.parity_mean:.2f} / {255 * r.parity_p99:.1f} {'ok' if r.parity_ok else 'FAIL'}")
+            out.append(f"| {r.toolchain} | {r.steps_ms['decode']:.2f} | {steps} | {r.total_ms:.2f} | "
+                       f"{r.images_per_s:.0f} | {r.speedup_vs_plain:.2f} | {par} |")
+    return "\n".join(out)
+
+
+def format_rows(title: str, rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    out = [f"\n## {title}\n", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(out)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_SHARED,
+                   help="folder holding chest_xray_fullres/ and chest_xray_224/ (default: %(default)s)")
+    p.add_argument("--sections", nargs="+", default=["transforms", "workers", "loaders"],
+                   choices=["transforms", "workers", "loaders"])
+    p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS))
+    p.add_argument("--n224", type=int, default=400, help="files of chest_xray_224 to use")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the files per measurement")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fullres_dir, small_dir = args.data / "chest_xray_fullres", args.data / "chest_xray_224"
+    for d in (fullres_dir, small_dir):
+        if not d.is_dir():
+            print(f"error: benchmark data not found: {d} (use --data)", file=sys.stderr)
+            return 2
+    datasets = {"chest_xray_fullres": list_images(fullres_dir),
+                "chest_xray_224": list_images(small_dir / "train", None)[:: max(1, 5216 // args.n224)][: args.n224]}
+    single_thread()
+    results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                              "cuda": torch.cuda.is_available()},
+                                  "tolerance": {"parity_mean": PARITY_MEAN_TOL, "parity_p99": PARITY_P99_TOL}}
+    text = []
+    if "transforms" in args.sections:
+        rows = bench_transforms(datasets, args.toolchains, args.repeats)
+        results["transforms"] = [asdict(r) for r in rows]
+        fr = datasets["chest_xray_fullres"]
+        results["decode_only_ms_fullres"] = decode_only_ms(fr)
+        text.append(format_transform_table(rows))
+        text.append(f"\ndecode alone ({DEFAULT_TOOLCHAIN} loader) on chest_xray_fullres: "
+                    f"{results['decode_only_ms_fullres']:.2f} ms/img")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "workers" in args.sections:
+        rows = bench_workers(datasets["chest_xray_fullres"], args.workers, max(1, args.repeats), 16)
+        results["workers"] = rows
+        text.append(format_rows(f"num_workers sweep: default chain ({DEFAULT_TOOLCHAIN}) on "
+                                "chest_xray_fullres, batch 16", rows))
+    if "loaders" in args.sections:
+        from .bench_loaders import bench_loaders
+
+        rows = bench_loaders(datasets, args.batch_sizes, max(1, args.repeats))
+        results["loaders"] = rows
+        text.append(format_rows("loaders (img/s, same files, same run)", rows))
+    print("\n".join(text))
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

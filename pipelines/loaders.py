@@ -1,0 +1,144 @@
+"""Loaders: one interface for every back end.
+
+A loader is an iterable of ``(float32 N x 3 x 224 x 224, int64 N)`` on the target device with
+``len()`` (batches per epoch) and ``set_epoch(e)``; the training loop never asks which back end
+it has.  ``make_loaders`` builds train / validation / test loaders from a ``DatasetIndex``:
+train iterates a seeded ``SubsetRandomSampler`` over 80 % of the train folder, validation the
+``ReplicarMuestreoDePrueba`` order over the other 20 %, test the test folder in order.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
+
+from .data import DatasetIndex, with_transform
+from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, split_train_val
+from .transforms import DEFAULT_TOOLCHAIN, get_toolchain
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+BACKENDS = ("torchvision", "dali")
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    backend: str = "torchvision"
+    batch_size: int = 16
+    num_workers: int = 2
+    seed: int = 0
+    toolchain: str = DEFAULT_TOOLCHAIN
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown loader back end {self.backend!r}; choose one of {BACKENDS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class Samplers:
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    train: Sampler[int]
+    val: ReplicarMuestreoDePrueba
+    test: Sampler[int]
+
+
+def make_samplers(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2) -> Samplers:
+    train_idx, val_idx = split_train_val(index.train.targets, val_fraction, seed)
+    targets = np.asarray(index.train.targets)
+    return Samplers(
+        train_idx, val_idx,
+        train=SeededSubsetRandomSampler(train_idx, seed=seed),
+        val=ReplicarMuestreoDePrueba(index.test.targets, val_idx, targets[val_idx], seed=seed),
+        test=SequentialSampler(range(len(index.test))),
+    )
+
+
+def disable_opencv_threads() -> None:
+    """Run OpenCV sequentially in this process and in the workers it forks.
+
+    Workers already run in parallel, so OpenCV's pool would only oversubscribe the cores; and a
+    worker forked after the parent used that pool deadlocks in its first ``cv2.resize``.
+    """
+    import cv2
+
+    cv2.setNumThreads(0)
+
+
+class TorchvisionLoader:
+    """A ``DataLoader`` over an ImageFolder and a sampler, delivering batches on ``device``."""
+
+    def __init__(self, dataset, sampler: Sampler[int], *, batch_size: int = 16, num_workers: int = 2,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.sampler = sampler
+        self.seed = seed
+        if num_workers > 0:
+            disable_opencv_threads()
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+        self.dataloader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            generator=self.generator, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (sampler order and worker seeds)."""
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        non_blocking = self.device.type == "cuda"
+        for images, labels in self.dataloader:
+            yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+
+@dataclass
+class Loaders:
+    train: object
+    val: object
+    test: object
+    samplers: Samplers
+
+
+def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augment: bool,
+                settings: LoaderSettings, device: torch.device | str = "cpu"):
+    """One loader of the chosen back end over ``index.<split>`` in ``sampler``'s order."""
+    dataset = getattr(index, split)
+    if settings.backend == "dali":
+        from .dali import DaliLoader
+
+        device = torch.device(device)
+        files = [path for path, _ in dataset.samples]
+        return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
+                          augment=augment, seed=settings.seed,
+                          device_id=(device.index or 0) if device.type == "cuda" else None,
+                          num_threads=max(1, settings.num_workers))
+    chain = get_toolchain(settings.toolchain)
+    view = with_transform(dataset, chain.train if augment else chain.eval)
+    view.loader = chain.loader
+    return TorchvisionLoader(view, sampler, batch_size=settings.batch_size,
+                             num_workers=settings.num_workers, device=device, seed=settings.seed)
+
+
+def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),
+                 device: torch.device | str = "cpu") -> Loaders:
+    samplers = make_samplers(index, settings.seed, settings.val_fraction)
+    return Loaders(
+        train=make_loader(index, "train", samplers.train, augment=True, settings=settings, device=device),
+        val=make_loader(index, "train", samplers.val, augment=False, settings=settings, device=device),
+        test=make_loader(index, "test", samplers.test, augment=False, settings=settings, device=device),
+        samplers=samplers,
+    )
+

@@ -1,0 +1,267 @@
+"""The training and evaluation transforms, one definition per toolchain.
+
+The brief's training transform, in this order:
+
+1. resize to 224 x 224 (aspect ratio not kept),
+2. scale to [0, 1] dividing by 255,
+3. horizontal flip with probability 1/2,
+4. rotation about the centre by an angle drawn uniformly in [-20, 20] degrees (fill 0),
+5. every value of every channel multiplied by its own number drawn uniformly in [1.2, 1.5].
+
+The evaluation transform is steps 1 and 2.  Each toolchain is a decoder (``pipelines.imageio``)
+plus a ``torchvision.transforms.Compose`` of these steps written with one library; all end in a
+float32 3 x 224 x 224 tensor.  Randomness comes from torch's generator, which ``DataLoader``
+seeds per worker from its own seeded generator, so a seed fixes the whole run.
+Interpolation is bilinear everywhere (with antialiasing when shrinking), and a positive angle
+turns the image counter-clockwise, as in ``torchvision.transforms.functional.rotate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from . import imageio
+
+SIZE = imageio.TARGET_SIZE
+FLIP_P = 0.5
+MAX_ANGLE = 20.0
+NOISE_LOW, NOISE_HIGH = 1.2, 1.5
+
+
+def draw_flip() -> bool:
+    return bool(torch.rand(()) < FLIP_P)
+
+
+def draw_angle() -> float:
+    return float(torch.empty(()).uniform_(-MAX_ANGLE, MAX_ANGLE))
+
+
+class MultiplicativeNoise(torch.nn.Module):
+    """Multiply every value of a C x H x W tensor by its own U[low, high] number."""
+
+    def __init__(self, low: float = NOISE_LOW, high: float = NOISE_HIGH) -> None:
+        super().__init__()
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.empty_like(x).uniform_(self.low, self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"
+
+
+# --- PIL + torch steps --------------------------------------------------------------------
+
+class PilResize:
+    """Resize a PIL image to size x size with antialiased bilinear filtering (no-op when already there)."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.size == (self.size, self.size):
+            return img
+        return img.resize((self.size, self.size), Image.BILINEAR)
+
+
+class PilToFloat01:
+    """PIL RGB image -> float32 3 x H x W tensor in [0, 1] (x / 255)."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
+        return arr.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+class TensorRandomFlip:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-1) if draw_flip() else x
+
+
+class TensorRandomRotate:
+    """Rotation about the centre, bilinear, zeros outside (grid_sample's zero padding)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rotate(x, draw_angle(), interpolation=InterpolationMode.BILINEAR, fill=None)
+
+
+# --- OpenCV (numpy H x W x 3) steps ----------------------------------------------------------
+# A grayscale file arrives as one plane seen three times (``imageio.gray_as_rgb``); these steps
+# then work on that one plane, which is exact because the channels are equal until the noise.
+
+def on_planes(fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray) -> np.ndarray:
+    """Apply an image function once to the shared plane, or to the whole H x W x 3 array."""
+    if imageio.shared_channels(arr):
+        return imageio.gray_as_rgb(fn(np.ascontiguousarray(arr[:, :, 0])))
+    return fn(np.ascontiguousarray(arr))
+
+
+class CvResize:
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+
+    def resize(self, arr: np.ndarray) -> np.ndarray:
+        import cv2
+
+        return cv2.resize(arr, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        if arr.shape[:2] == (self.size, self.size):
+            return arr
+        return on_planes(self.resize, arr)
+
+
+class CvToFloat01:
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        return on_planes(lambda a: a.astype(np.float32) * np.float32(1.0 / 255.0), arr)
+
+
+class CvRandomFlip:
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        return arr[:, ::-1] if draw_flip() else arr
+
+
+def rotation_matrix(angle: float, width: int, height: int) -> np.ndarray:
+    """2 x 3 affine matrix turning by ``angle`` degrees counter-clockwise about the pixel centre."""
+    import cv2
+
+    return cv2.getRotationMatrix2D(((width - 1) / 2.0, (height - 1) / 2.0), angle, 1.0)
+
+
+class CvRandomRotate:
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = arr.shape[:2]
+        matrix = rotation_matrix(draw_angle(), w, h)
+        return on_planes(lambda a: cv2.warpAffine(a, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0), arr)
+
+
+class HwcToTensor:
+    """H x W x 3 array -> contiguous float32 3 x H x W tensor."""
+
+    def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        out = np.empty((3, *arr.shape[:2]), dtype=arr.dtype)
+        out[...] = arr[None, :, :, 0] if imageio.shared_channels(arr) else arr.transpose(2, 0, 1)
+        return torch.from_numpy(out)
+
+
+class HwcNoiseToTensor:
+    """Step 5 for H x W x 3 arrays: per-value U[low, high] noise, written straight into a 3 x H x W tensor.
+
+    The noise is drawn with numpy (float32 draws are about 1.5x faster than torch's on one
+    thread) from a generator seeded by torch's, so torch's seed still fixes everything.  A shared
+    grayscale plane is broadcast over the three channels here, the first step where they differ.
+    """
+
+    def __init__(self, low: float = NOISE_LOW, high: float = NOISE_HIGH) -> None:
+        self.noise = MultiplicativeNoise(low, high)  # validates the bounds
+
+    def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        low, high = self.noise.low, self.noise.high
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        h, w = arr.shape[:2]
+        out = rng.random((3, h, w), dtype=np.float32)
+        out *= np.float32(high - low)
+        out += np.float32(low)
+        if imageio.shared_channels(arr):
+            out *= arr[None, :, :, 0]
+        else:
+            out *= arr.transpose(2, 0, 1)
+        return torch.from_numpy(out)
+
+
+# --- scikit-image steps ----------------------------------------------------------------------
+
+class SkResize:
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        from skimage.transform import resize
+
+        return resize(arr, (self.size, self.size), order=1, anti_aliasing=True,
+                      preserve_range=True).astype(np.float32)
+
+
+class SkRandomRotate:
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        from skimage.transform import rotate
+
+        return rotate(arr, draw_angle(), order=1, mode="constant", cval=0.0).astype(np.float32)
+
+
+# --- toolchains ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Toolchain:
+    """A decoder and the two Compose transforms written with one library."""
+
+    name: str
+    description: str
+    loader: Callable[[str], object]
+    train: T.Compose
+    eval: T.Compose
+
+
+def _plain() -> Toolchain:
+    resize = T.Resize((SIZE, SIZE))
+    return Toolchain(
+        "plain", "PIL full decode + torchvision transforms as listed (baseline)", imageio.load_pil,
+        T.Compose([resize, T.ToTensor(), T.RandomHorizontalFlip(FLIP_P),
+                   T.RandomRotation(MAX_ANGLE, interpolation=InterpolationMode.BILINEAR, fill=0),
+                   MultiplicativeNoise()]),
+        T.Compose([resize, T.ToTensor()]))
+
+
+def _pil_torch(loader: Callable[[str], object], name: str, description: str) -> Toolchain:
+    return Toolchain(
+        name, description, loader,
+        T.Compose([PilResize(), PilToFloat01(), TensorRandomFlip(), TensorRandomRotate(),
+                   MultiplicativeNoise()]),
+        T.Compose([PilResize(), PilToFloat01()]))
+
+
+def _cv2() -> Toolchain:
+    return Toolchain(
+        "cv2", "OpenCV IMREAD_REDUCED decode + cv2 resize/warpAffine, torch noise",
+        imageio.load_cv2_reduced,
+        T.Compose([CvResize(), CvToFloat01(), CvRandomFlip(), CvRandomRotate(),
+                   HwcNoiseToTensor()]),
+        T.Compose([CvResize(), CvToFloat01(), HwcToTensor()]))
+
+
+def _skimage() -> Toolchain:
+    return Toolchain(
+        "skimage", "scikit-image decode, resize and rotate, torch noise", imageio.load_skimage,
+        T.Compose([SkResize(), CvToFloat01(), CvRandomFlip(), SkRandomRotate(), HwcNoiseToTensor()]),
+        T.Compose([SkResize(), CvToFloat01(), HwcToTensor()]))
+
+
+TOOLCHAINS: dict[str, Callable[[], Toolchain]] = {
+    "plain": _plain,
+    "pil": lambda: _pil_torch(imageio.load_pil, "pil", "PIL full decode + our PIL/torch steps"),
+    "pil_draft": lambda: _pil_torch(imageio.load_pil_draft, "pil_draft",
+                                    "PIL decode with JPEG draft downscaling + our PIL/torch steps"),
+    "cv2": _cv2,
+    "skimage": _skimage,
+}
+
+#: Chosen by ``python -m pipelines.bench`` (see README, "Profiling the transform").
+DEFAULT_TOOLCHAIN = "cv2"
+
+
+def get_toolchain(name: str = DEFAULT_TOOLCHAIN) -> Toolchain:
+    if name not in TOOLCHAINS:
+        raise ValueError(f"unknown toolchain {name!r}; choose one of {sorted(TOOLCHAINS)}")
+    return TOOLCHAINS[name]()
+

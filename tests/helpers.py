@@ -1,0 +1,18 @@
+"""Paths to the real data in ../shared/data and a picker of real files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FULLRES = SHARED_DATA / "chest_xray_fullres"
+SMALL_224 = SHARED_DATA / "chest_xray_224"
+
+
+def real_files(folder: Path, n: int | None = None, step: int = 1) -> list[str]:
+    """Sorted JPEGs under ``folder`` (every ``step``-th, at most ``n``); fails if the data is missing."""
+    if not folder.is_dir():
+        pytest.fail(f"real data missing: {folder} (the tests expect ../shared/data beside the project)")
+    files = sorted(str(p) for p in folder.rglob("*.jpeg"))[::step]
+    return files[:n] if n else files

@@ -1,0 +1,348 @@
+"""Tests of the DALI loader (pipelines/dali.py) on DALI's CPU back end, plus GPU checks.
+
+Statistical tests run on seeded pipelines, so they are deterministic; their tolerances are
+still set for the stated sample sizes (about 3.5 standard deviations).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+import torchvision.transforms.functional as TF  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from torch.utils.data import SubsetRandomSampler  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
+
+from pipelines.dali import DaliLoader, ImageDecodeError, rotate_ccw  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FULLRES = DATA / "chest_xray_fullres"
+SMALL = DATA / "chest_xray_224"
+SIZE = 224
+N_INDEX_FILES = 37
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def index_value(i: int) -> int:
+    """Grey level of the synthetic file i, so an image says which file it came from."""
+    return 20 + 5 * i
+
+
+def write_jpeg(path: Path, pixels: np.ndarray) -> str:
+    Image.fromarray(pixels).save(path, quality=95)
+    return str(path)
+
+
+def bar_image() -> np.ndarray:
+    """A bright horizontal bar left of the centre: its side shows a flip, its slope the angle."""
+    pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
+    pixels[106:119, 12:100] = 255
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A tiny folder of synthetic JPEGs: constant files numbered by grey level (not square,
+    so resizing changes the aspect ratio), a bar image, a white image and corrupt files."""
+    root = tmp_path_factory.mktemp("jpegs")
+    index_files = [
+        write_jpeg(root / f"index_{i:02d}.jpeg", np.full((48, 64, 3), index_value(i), np.uint8))
+        for i in range(N_INDEX_FILES)
+    ]
+    good_bytes = Path(index_files[0]).read_bytes()
+    corrupt = {
+        "truncated": good_bytes[: len(good_bytes) // 2],
+        "text": b"this is not a JPEG file\n" * 20,
+        "empty": b"",
+    }
+    for name, data in corrupt.items():
+        (root / f"{name}.jpeg").write_bytes(data)
+    return {
+        "index": index_files,
+        "bar": write_jpeg(root / "bar.jpeg", bar_image()),
+        "white": write_jpeg(root / "white.jpeg", np.full((SIZE, SIZE, 3), 200, np.uint8)),
+        "corrupt": {name: str(root / f"{name}.jpeg") for name in corrupt},
+    }
+
+
+class RecordingSampler:
+    """Re-iterable sampler: a fresh random order each epoch, remembered for the checks."""
+
+    def __init__(self, indices: list[int], seed: int) -> None:
+        self._sampler = SubsetRandomSampler(indices, generator=torch.Generator().manual_seed(seed))
+        self.epochs: list[list[int]] = []
+
+    def __iter__(self):
+        order = [int(i) for i in self._sampler]
+        self.epochs.append(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+
+def collect(loader: DaliLoader) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One epoch: all images, all labels and the batch sizes."""
+    batches = list(loader)
+    sizes = [len(labels) for _, labels in batches]
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), sizes
+
+
+def index_loader(files: list[str], sampler, **kwargs) -> DaliLoader:
+    return DaliLoader(files, list(range(len(files))), sampler, **kwargs)
+
+
+def pil_reference(path: str) -> torch.Tensor:
+    image = Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
+
+
+def bar_geometry(image: torch.Tensor) -> tuple[bool, float]:
+    """(flipped, angle in degrees, counter-clockwise positive) of the bar in a CHW image,
+    from the centroid and the principal axis of its bright pixels."""
+    mask = image.mean(0) > 0.5
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    x = xs.double() - xs.double().mean()
+    y = -(ys.double() - ys.double().mean())  # y up, so positive angles turn counter-clockwise
+    angle = 0.5 * math.atan2(2 * float((x * y).sum()), float((x * x).sum() - (y * y).sum()))
+    return bool(xs.double().mean() > SIZE / 2), math.degrees(angle)
+
+
+# ----- shapes, values, order -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_partial_last_batch_shapes_and_range(images, augment):
+    loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=augment)
+    batches = list(loader)
+    assert len(loader) == 3
+    assert [len(y) for _, y in batches] == [16, 16, 5]
+    for x, y in batches:
+        assert x.shape == (len(y), 3, SIZE, SIZE)
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.device.type == "cpu" and y.device.type == "cpu"
+        assert x.min() >= 0.0
+        assert x.max() <= (1.5 if augment else 1.0) + 1e-6
+
+
+def test_eval_delivers_images_and_labels_in_sampler_order_with_duplicates(images):
+    order = [5, 3, 3, 36, 0, 5, 5, 12, 20, 1, 36, 7, 7, 30, 2, 9, 9, 9, 4]
+    loader = index_loader(images["index"], order, batch_size=8, augment=False)
+    x, y, sizes = collect(loader)
+    assert sizes == [8, 8, 3]
+    assert y.tolist() == order
+    grey = (x.mean(dim=(1, 2, 3)) * 255).round()
+    assert grey.tolist() == [index_value(i) for i in order]
+
+
+def test_random_sampler_each_epoch_delivered_in_its_order(images):
+    sampler = RecordingSampler(list(range(N_INDEX_FILES)), seed=1)
+    loader = index_loader(images["index"], sampler, batch_size=16, augment=True)
+    delivered = [collect(loader)[1].tolist() for _ in range(2)]
+    assert delivered == sampler.epochs
+    assert delivered[0] != delivered[1]
+    assert sorted(delivered[0]) == list(range(N_INDEX_FILES))
+
+
+def test_break_mid_epoch_then_full_epoch(images):
+    loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=True)
+    for _ in loader:
+        break
+    _, y, sizes = collect(loader)
+    assert sizes == [16, 16, 5]
+    assert y.tolist() == list(range(N_INDEX_FILES))
+
+
+def test_mismatched_labels_rejected(images):
+    with pytest.raises(ValueError, match="labels"):
+        DaliLoader(images["index"], [0], range(1), augment=False)
+
+
+# ----- seeds -----------------------------------------------------------------------------
+
+
+def test_seed_gives_same_batches_and_each_epoch_new_draws(images):
+    def two_epochs(seed: int) -> list[torch.Tensor]:
+        loader = index_loader(
+            images["index"], range(N_INDEX_FILES), batch_size=16, augment=True, seed=seed
+        )
+        return [collect(loader)[0] for _ in range(2)]
+
+    first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(first[0], first[1])
+
+
+# ----- augmentation ----------------------------------------------------------------------
+
+
+def test_rotate_positive_angle_is_counter_clockwise_like_torchvision():
+    """DALI's rotation, as the loader calls it, against torchvision's bilinear F.rotate."""
+    pixels = np.zeros((SIZE, SIZE, 3), np.float32)
+    pixels[20:60, 150:200] = 1.0  # top-right block
+    pixels[100:120, 10:40, 0] = 0.5  # red block on the left
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def rotation(angle: float):
+        source = fn.external_source(
+            source=lambda: [pixels], batch=True, dtype=types.FLOAT, ndim=3, layout="HWC"
+        )
+        return rotate_ccw(source, angle)
+
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    for angle in (15.0, -7.0):
+        pipe = rotation(angle)
+        (out,) = pipe.run()
+        dali = torch.from_numpy(np.array(out[0])).permute(2, 0, 1)
+        same = TF.rotate(chw, angle, interpolation=InterpolationMode.BILINEAR)
+        opposite = TF.rotate(chw, -angle, interpolation=InterpolationMode.BILINEAR)
+        assert dali.shape == chw.shape
+        assert (dali - same).abs().max() < 1e-2
+        assert (dali - opposite).abs().max() > 0.5
+
+
+def test_flip_rate_and_angle_spread(images):
+    """256 draws of the bar image: flips per sample with rate 1/2 (Binomial sd 8, tolerance
+    +-26), angles uniform in [-20, 20] (four 10-degree bins expecting 64, sd 6.9, each
+    within [40, 88]; the extremes reached within 2 degrees)."""
+    n = 256
+    loader = DaliLoader([images["bar"]], [1], [0] * n, batch_size=32, augment=True, seed=7)
+    x, y, _ = collect(loader)
+    assert y.tolist() == [1] * n
+    geometry = [bar_geometry(image) for image in x]
+    flips = torch.tensor([flipped for flipped, _ in geometry])
+    angles = np.array([angle for _, angle in geometry])
+    assert abs(int(flips.sum()) - n / 2) <= 26
+    for batch in flips.view(-1, 32):
+        assert 0 < int(batch.sum()) < 32  # per sample, not per batch
+    assert np.abs(angles).max() <= 20.5
+    assert angles.min() < -18 and angles.max() > 18
+    counts, _ = np.histogram(angles, bins=[-21, -10, 0, 10, 21])
+    assert counts.min() >= 40 and counts.max() <= 88, counts
+    assert abs(angles.mean()) < 2.5
+
+
+def test_noise_per_value_in_range_and_rotation_fills_corners_with_zero(images):
+    """Constant image v: inside the circle that every rotation keeps, out / v is the noise
+    (uniform in [1.2, 1.5]: mean 1.35, sd 0.087, over ~1.5M values); the corners, outside
+    the picture after any rotation of more than about 1 degree, are 0."""
+    white = images["white"]
+    (v,) = collect(DaliLoader([white], [0], [0], augment=False))[0].unique().tolist()
+    x, _, _ = collect(DaliLoader([white], [0], [0] * 32, batch_size=16, augment=True, seed=2))
+    assert x.shape == (32, 3, SIZE, SIZE)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    inside = (yy - (SIZE - 1) / 2) ** 2 + (xx - (SIZE - 1) / 2) ** 2 < 100**2
+    ratio = x[:, :, inside] / v
+    assert ratio.min() >= 1.2 - 1e-4 and ratio.max() <= 1.5 + 1e-4
+    assert abs(ratio.mean().item() - 1.35) < 0.005
+    assert abs(ratio.std().item() - 0.3 / math.sqrt(12)) < 0.005
+    assert (ratio[:, 0] != ratio[:, 1]).float().mean() > 0.99
+    corners = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 0).all(dim=(1, 2)).float().mean() >= 0.75
+
+
+# ----- real files ------------------------------------------------------------------------
+
+
+def real_files() -> list[str]:
+    """Fullres grayscale baseline and progressive files, RGB files, and 224 files."""
+    fullres = [
+        FULLRES / "NORMAL" / "IM-0117-0001.jpeg",
+        FULLRES / "PNEUMONIA" / "person1216_virus_2062.jpeg",  # progressive
+        FULLRES / "PNEUMONIA" / "person441_virus_897.jpeg",  # RGB
+        FULLRES / "PNEUMONIA" / "person1668_bacteria_4421.jpeg",  # RGB
+    ]
+    small = sorted((SMALL / "train" / "NORMAL").glob("*.jpeg"))[:2]
+    small += sorted((SMALL / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    return [str(p) for p in fullres + small]
+
+
+def test_real_files_eval_close_to_pil_and_grayscale_gives_equal_channels():
+    """Decoding matches PIL exactly on these files; the difference is the resize (DALI's
+    antialiased linear vs PIL's BILINEAR): identity on 224 files, mean < 0.002 on fullres."""
+    files = real_files()
+    x, _, sizes = collect(DaliLoader(files, [0] * len(files), range(len(files)), augment=False))
+    assert sizes == [len(files)] and x.shape == (len(files), 3, SIZE, SIZE)
+    assert x.min() >= 0 and x.max() <= 1
+    for image, path in zip(x, files):
+        difference = (image - pil_reference(path)).abs()
+        if "chest_xray_224" in path:
+            assert difference.max() < 1.5 / 255, path
+        else:
+            assert difference.mean() < 0.002, path
+        if Image.open(path).mode == "L":
+            assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]), path
+
+
+def test_real_files_train_range():
+    files = real_files()
+    x, _, _ = collect(DaliLoader(files, [0] * len(files), range(len(files)), augment=True))
+    assert x.shape == (len(files), 3, SIZE, SIZE)
+    assert x.min() >= 0 and x.max() <= 1.5 + 1e-6
+    assert x.max() > 1.0  # the noise multiplies by at least 1.2
+
+
+# ----- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["truncated", "text", "empty"])
+@pytest.mark.parametrize("position", [0, 20, 36])
+def test_corrupt_file_raises_error_naming_it(images, kind, position):
+    files = list(images["index"])
+    bad = images["corrupt"][kind]
+    files[position] = bad
+    loader = index_loader(files, range(N_INDEX_FILES), batch_size=16, augment=True)
+    for _ in range(2):  # the failed pipeline is replaced, and fails again the same way
+        with pytest.raises(ImageDecodeError) as caught:
+            collect(loader)
+        assert caught.value.path == bad
+        assert bad in str(caught.value)
+        assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.timeout(60)
+def test_missing_file_raises_file_not_found_naming_it(images, tmp_path):
+    files = list(images["index"])
+    files[30] = str(tmp_path / "missing.jpeg")
+    loader = index_loader(files, range(N_INDEX_FILES), batch_size=16, augment=False)
+    with pytest.raises(FileNotFoundError, match="missing.jpeg"):
+        collect(loader)
+
+
+# ----- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("augment", [False, True])
+def test_gpu_outputs_on_device_with_partial_batch(images, augment):
+    loader = index_loader(
+        images["index"], range(N_INDEX_FILES), batch_size=16, augment=augment, device_id=0
+    )
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [16, 16, 5]
+    for x, y in batches:
+        assert x.device == torch.device("cuda", 0) and y.device == torch.device("cuda", 0)
+        assert x.shape == (len(y), 3, SIZE, SIZE) and x.dtype == torch.float32
+        assert 0 <= x.min() and x.max() <= (1.5 if augment else 1.0) + 1e-6
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_eval_close_to_cpu_eval():
+    files = real_files()
+    cpu = collect(DaliLoader(files, [0] * len(files), range(len(files)), augment=False))[0]
+    gpu = collect(
+        DaliLoader(files, [0] * len(files), range(len(files)), augment=False, device_id=0)
+    )[0]
+    assert (gpu.cpu() - cpu).abs().mean() < 0.005

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python train.py --demo --out $(DEMO)
+	$(BIN)/python train.py --demo --no-pretrained --epochs 2 --tta 4 --out $(DEMO) --weights-out $(DEMO)/modelo.h5
 
 test: setup
 	$(BIN)/python -m pytest -q

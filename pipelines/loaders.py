@@ -31,6 +31,7 @@ class LoaderSettings:
     seed: int = 0
     toolchain: str = DEFAULT_TOOLCHAIN
     val_fraction: float = 0.2
+    train_subset: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -50,9 +51,22 @@ class Samplers:
     test: Sampler[int]
 
 
-def make_samplers(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2) -> Samplers:
+def stratified_subset(indices: np.ndarray, targets: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most ``n`` of ``indices``, keeping the class proportions (sorted)."""
+    if n >= len(indices):
+        return indices
+    keep, _ = split_train_val(targets[indices], 1 - n / len(indices), seed)
+    return np.sort(indices[keep])
+
+
+def make_samplers(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2,
+                  train_subset: int | None = None) -> Samplers:
+    """The split and the three samplers; ``train_subset`` keeps N train and N/4 validation images."""
     train_idx, val_idx = split_train_val(index.train.targets, val_fraction, seed)
     targets = np.asarray(index.train.targets)
+    if train_subset is not None:
+        train_idx = stratified_subset(train_idx, targets, train_subset, seed)
+        val_idx = stratified_subset(val_idx, targets, max(4, train_subset // 4), seed)
     return Samplers(
         train_idx, val_idx,
         train=SeededSubsetRandomSampler(train_idx, seed=seed),
@@ -134,7 +148,7 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
 
 def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),
                  device: torch.device | str = "cpu") -> Loaders:
-    samplers = make_samplers(index, settings.seed, settings.val_fraction)
+    samplers = make_samplers(index, settings.seed, settings.val_fraction, settings.train_subset)
     return Loaders(
         train=make_loader(index, "train", samplers.train, augment=True, settings=settings, device=device),
         val=make_loader(index, "train", samplers.val, augment=False, settings=settings, device=device),

@@ -1,0 +1,97 @@
+"""What the separable convolutions save: parameters, and the time of a training step and of inference.
+
+    python train.py --count-params [--device cuda] [--batch-size 16]
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.vgg16dwsep import VGG16DWSep, count_parameters, parameter_table, trainable_parameters
+
+
+def conv_parameters(model: nn.Module) -> int:
+    """Parameters in the feature extractor (every convolution and BatchNorm)."""
+    return count_parameters(model.features)
+
+
+def parameter_summary(input_size: int = 224) -> list[dict[str, object]]:
+    """Both variants, built on the meta device (no memory): total, features, classifier, largest layer."""
+    rows = []
+    for separable in (True, False):
+        with torch.device("meta"):
+            model = VGG16DWSep(input_size=input_size, separable=separable)
+        table = parameter_table(model)
+        largest = max(table, key=lambda r: r["parameters"])
+        rows.append({
+            "variant": "VGG16DWSep (separable)" if separable else "same with Conv2d",
+            "parameters": count_parameters(model),
+            "features": conv_parameters(model),
+            "classifier": count_parameters(model.classifier),
+            "largest layer": f"{largest['name']} ({largest['type']}, {largest['parameters']:,})",
+        })
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn`` after ``warmup`` calls (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def step_times(separable: bool, device: torch.device, batch_size: int = 16, input_size: int = 224,
+               amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+               warmup: int = 1, repeats: int = 3) -> dict[str, float]:
+    """Seconds per training step (forward, backward, Adam) and per inference batch."""
+    torch.manual_seed(0)
+    model = VGG16DWSep(input_size=input_size, separable=separable).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    for p in list(model.features.parameters())[:4]:  # the two frozen ImageNet convolutions
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4, weight_decay=1e-5)
+    x = torch.rand(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with amp():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    def infer() -> None:
+        with torch.inference_mode(), amp():
+            model(x)
+
+    model.train()
+    train_s = time_call(train_step, device, warmup, repeats)
+    model.eval()
+    infer_s = time_call(infer, device, warmup, repeats)
+    _sync(device)
+    return {"train_step_s": train_s, "inference_s": infer_s,
+            "train_images_per_s": batch_size / train_s, "inference_images_per_s": batch_size / infer_s}

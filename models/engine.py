@@ -1,0 +1,308 @@
+"""Training and evaluation as plain importable functions (the split of torchvision's
+``references/classification`` and MAE's ``engine_finetune``): one epoch of training, prediction,
+metrics, test-time-augmentation voting and the figures of a run.
+
+Every function takes a loader of the project's one interface: an iterable of
+``(float32 N x 3 x H x W, int64 N)`` batches already on ``device``, with ``len()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+from torch import nn
+from tqdm import tqdm
+
+from pipelines.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+TRAIN_KEYS = ("loss", "accuracy", "images", "seconds", "images_per_s")
+METRIC_KEYS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc", "confusion_matrix", "n")
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def _prepare(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def _batches(loader: Iterable[Batch], max_batches: int | None) -> tuple[Iterable[Batch], int | None]:
+    """The loader cut to ``max_batches`` and the number of batches it will give (None if unknown)."""
+    try:
+        total: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is None:
+        return loader, total
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
+    cut = (batch for _, batch in zip(range(max_batches), loader))
+    return cut, max_batches if total is None else min(total, max_batches)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epoch: int,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """One pass of cross-entropy training; returns ``TRAIN_KEYS`` (loss and accuracy averaged
+    per image, throughput in images per second).
+
+    ``amp_dtype`` runs the forward pass under ``torch.autocast`` (bfloat16: float16 would need
+    a gradient scaler, which this loop does not have). A non-finite loss raises
+    ``FloatingPointError`` before the optimizer step, so the weights stay those of the last
+    finite batch.
+    """
+    if amp_dtype == torch.float16:
+        raise ValueError("amp_dtype torch.float16 needs gradient scaling; use torch.bfloat16")
+    device = torch.device(device)
+    batches, total = _batches(loader, max_batches)
+    model.train()
+    loss_sum, images_seen = 0.0, 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    start = time.perf_counter()
+    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for index, (images, labels) in enumerate(bar):
+        with _autocast(device, amp_dtype):
+            logits = model(_prepare(images, channels_last))
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch}, batch {index}")
+        optimizer.step()
+        batch_size = labels.shape[0]
+        loss_sum += loss_value * batch_size
+        images_seen += batch_size
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        bar.set_postfix(loss=f"{loss_sum / images_seen:.4f}", refresh=False)
+    bar.close()
+    if images_seen == 0:
+        raise ValueError(f"the training loader gave no batches in epoch {epoch}")
+    seconds = time.perf_counter() - start
+    stats = {
+        "loss": loss_sum / images_seen,
+        "accuracy": correct.item() / images_seen,
+        "images": images_seen,
+        "seconds": seconds,
+        "images_per_s": images_seen / seconds,
+    }
+    logger.debug("epoch %d train: %s", epoch, stats)
+    return stats
+
+
+def predict(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Softmax probabilities (N x C, float64), labels (N) and mean cross-entropy over the loader.
+
+    Runs in eval mode under ``torch.inference_mode()`` and puts the model back in the mode it
+    had. Softmax and loss are computed in float32 even under autocast; results stay on the
+    device until one transfer at the end.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    probs, labels, loss_sum = [], [], torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        with torch.inference_mode():
+            for images, batch_labels in tqdm(loader, desc="predict", disable=not progress, leave=False):
+                with _autocast(device, amp_dtype):
+                    logits = model(_prepare(images, channels_last))
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum").double()
+                probs.append(logits.softmax(dim=1))
+                labels.append(batch_labels)
+    finally:
+        model.train(was_training)
+    if not labels:
+        raise ValueError("the loader gave no batches to predict")
+    all_labels = torch.cat(labels).cpu().numpy().astype(np.int64)
+    all_probs = torch.cat(probs).cpu().numpy().astype(np.float64)
+    return all_probs, all_labels, loss_sum.item() / len(all_labels)
+
+
+def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, Any]:
+    """Accuracy, and for class ``positive`` against the rest: F1, precision, recall
+    (sensitivity), specificity (recall of the rest) and ROC AUC of ``probs[:, positive]``
+    (None when the labels hold one class only); the C x C confusion matrix (rows true,
+    columns predicted) as nested lists; ``n``. Undefined ratios are 0."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or len(labels) != len(probs) or labels.ndim != 1:
+        raise ValueError(f"expected labels N and probs N x C, got {labels.shape} and {probs.shape}")
+    if not 0 <= positive < probs.shape[1]:
+        raise ValueError(f"positive class {positive} out of range for {probs.shape[1]} classes")
+    predictions = probs.argmax(axis=1)
+    is_positive, predicted_positive = labels == positive, predictions == positive
+    one_class = np.unique(labels).size < 2
+
+    def for_positive(score) -> float:
+        return float(score(labels, predictions, labels=[positive], average=None, zero_division=0)[0])
+
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1": for_positive(f1_score),
+        "precision": for_positive(precision_score),
+        "recall": for_positive(recall_score),
+        "specificity": float(recall_score(~is_positive, ~predicted_positive, zero_division=0)),
+        "roc_auc": None if one_class else float(roc_auc_score(is_positive, probs[:, positive])),
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=range(probs.shape[1])).tolist(),
+        "n": int(len(labels)),
+    }
+
+
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, **kw: Any) -> dict[str, Any]:
+    """``classification_metrics`` of ``predict`` (keyword arguments go to it), plus ``loss``."""
+    probs, labels, loss = predict(model, loader, device, **kw)
+    return {**classification_metrics(labels, probs), "loss": loss}
+
+
+def _grouped(array: np.ndarray, d: int, what: str) -> np.ndarray:
+    """``array`` (rows grouped by image, ``d`` copies each) reshaped to N x d x ..."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be an int >= 1, got {d!r}")
+    if len(array) % d:
+        raise ValueError(f"{what} has {len(array)} rows, not a multiple of d={d}")
+    return array.reshape(len(array) // d, d, *array.shape[1:])
+
+
+def tta_labels(labels: Sequence[int] | np.ndarray, d: int) -> np.ndarray:
+    """The N labels of N*d rows made of ``d`` consecutive copies per image; ValueError when a
+    group mixes labels (the loader did not repeat each index ``d`` times in a row)."""
+    groups = _grouped(np.asarray(labels), d, "labels")
+    mixed = np.flatnonzero((groups != groups[:, :1]).any(axis=1))
+    if mixed.size:
+        raise ValueError(f"labels of TTA group {mixed[0]} differ: {groups[mixed[0]].tolist()} (d={d})")
+    return groups[:, 0]
+
+
+def tta_predict(probs: np.ndarray, d: int) -> dict[str, np.ndarray]:
+    """Two votes over ``d`` augmented copies per image (N*d x C rows grouped by image):
+
+    - ``max_confidence``: the predicted class of the copy whose top probability is highest;
+    - ``mean_probability``: the argmax of the probabilities averaged over the copies
+      (``mean_probs``, N x C).
+    """
+    groups = _grouped(np.asarray(probs), d, "probs")
+    if groups.ndim != 3:
+        raise ValueError(f"probs must be N*d x C, got shape {np.shape(probs)}")
+    surest_copy = groups.max(axis=2).argmax(axis=1)
+    mean_probs = groups.mean(axis=1)
+    return {
+        "max_confidence": groups[np.arange(len(groups)), surest_copy].argmax(axis=1),
+        "mean_probability": mean_probs.argmax(axis=1),
+        "mean_probs": mean_probs,
+    }
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Epochs and values of ``key`` over the rows that have it."""
+    rows = [row for row in history if row.get(key) is not None]
+    return [row["epoch"] for row in rows], [float(row[key]) for row in rows]
+
+
+def best_epoch(history: Sequence[dict[str, Any]], key: str = "val_loss") -> int | None:
+    """The epoch of the smallest finite ``key``; None when no row has one."""
+    epochs, values = _series(history, key)
+    finite = [(value, epoch) for epoch, value in zip(epochs, values) if math.isfinite(value)]
+    return min(finite)[1] if finite else None
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Loss (train, val) and accuracy / F1 per epoch in two panels, the best epoch (min
+    ``val_loss``) marked; written atomically to ``path`` (format from its suffix)."""
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    figure = Figure(figsize=(11, 4.5))
+    loss_axes, score_axes = figure.subplots(1, 2)
+    panels = (
+        (loss_axes, ("train_loss", "val_loss"), "loss"),
+        (score_axes, ("train_accuracy", "val_accuracy", "val_f1"), "accuracy / F1"),
+    )
+    best = best_epoch(history)
+    for axes, keys, ylabel in panels:
+        for key in keys:
+            epochs, values = _series(history, key)
+            if epochs:
+                axes.plot(epochs, values, marker="o", markersize=3, label=key)
+        if best is not None:
+            axes.axvline(best, color="grey", linestyle="--", label=f"best epoch {best}")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    return _save(figure, path)
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
+                          path: str | Path, title: str = "") -> Path:
+    """Counts and row percentages (of each true class) in every cell, coloured by the row
+    percentage; written atomically to ``path``."""
+    counts = np.asarray(cm)
+    if counts.ndim != 2 or counts.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match class names {list(class_names)}")
+    row_sums = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
+    figure = Figure(figsize=(1.6 * len(class_names) + 2.5, 1.4 * len(class_names) + 1.5))
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, label="share of true class")
+    for (row, column), count in np.ndenumerate(counts):
+        colour = "white" if shares[row, column] > 0.5 else "black"
+        axes.text(column, row, f"{count}\n{100 * shares[row, column]:.1f}%", ha="center", va="center", color=colour)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, labels=list(class_names))
+    axes.set_yticks(ticks, labels=list(class_names))
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)

@@ -1,0 +1,70 @@
+"""Loader benchmark: the plain torchvision baseline, our torchvision loader, DALI on CPU and GPU.
+
+Every loader reads the same files in the same order (the file list repeated ``repeats``
+times), applies the full training augmentation and delivers float32 N x 3 x 224 x 224 batches
+(on the GPU for DALI GPU, on the CPU otherwise).  Images per second exclude the first batch
+(worker and pipeline start-up).  Run through ``python -m pipelines.bench --sections loaders``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .bench import folder_dataset, loader_images_per_s, repeated_sampler
+from .loaders import TorchvisionLoader
+from .transforms import DEFAULT_TOOLCHAIN, get_toolchain
+
+logger = logging.getLogger(__name__)
+
+
+def torchvision_loader(files: list[str], order: list[int], toolchain: str, batch_size: int,
+                       workers: int) -> TorchvisionLoader:
+    chain = get_toolchain(toolchain)
+    return TorchvisionLoader(folder_dataset(files, chain.loader, chain.train), order,
+                             batch_size=batch_size, num_workers=workers)
+
+
+def dali_loader(files: list[str], order: list[int], batch_size: int, workers: int, device_id: int | None):
+    from .dali import DaliLoader
+
+    return DaliLoader(files, [0] * len(files), order, batch_size=batch_size, augment=True, seed=0,
+                      device_id=device_id, num_threads=workers)
+
+
+def loader_factories(workers: int) -> dict[str, object]:
+    """name -> factory(files, order, batch_size); DALI entries only where DALI imports."""
+    factories = {
+        "torchvision plain (PIL + transforms as listed)":
+            lambda f, o, b: torchvision_loader(f, o, "plain", b, workers),
+        f"torchvision ours ({DEFAULT_TOOLCHAIN})":
+            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers),
+    }
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        logger.warning("DALI not installed: DALI rows skipped (pip install '.[dali]')")
+        return factories
+    factories["DALI CPU"] = lambda f, o, b: dali_loader(f, o, b, workers, None)
+    if torch.cuda.is_available():
+        factories["DALI GPU"] = lambda f, o, b: dali_loader(f, o, b, workers, 0)
+    return factories
+
+
+def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeats: int,
+                  workers: int | None = None) -> list[dict]:
+    workers = workers or os.cpu_count() or 1
+    rows = []
+    for ds_name, files in datasets.items():
+        order = repeated_sampler(len(files), repeats)
+        for batch_size in batch_sizes:
+            baseline = None
+            for name, factory in loader_factories(workers).items():
+                ips = loader_images_per_s(factory(files, order, batch_size))
+                if baseline is None:
+                    baseline = ips
+                rows.append({"data": ds_name, "loader": name, "batch": batch_size, "workers": workers,
+                             "images": len(order), "images_per_s": ips, "x_plain": ips / baseline})
+                logger.info("%s, %s, batch %d: %.1f img/s", ds_name, name, batch_size, ips)
+    return rows

@@ -1,0 +1,228 @@
+"""Tests of models.engine: training on a tiny separable problem, the non-finite-loss error,
+prediction (mode restored, probabilities, loss), metrics against hand-computed values, the two
+test-time-augmentation votes, and the figures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.engine import (
+    METRIC_KEYS,
+    TRAIN_KEYS,
+    best_epoch,
+    classification_metrics,
+    evaluate,
+    plot_confusion_matrix,
+    plot_learning_curves,
+    predict,
+    train_one_epoch,
+    tta_labels,
+    tta_predict,
+)
+
+CPU = torch.device("cpu")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BATCHES, BATCH_SIZE, SIDE = 4, 8, 16
+
+
+def bright_pneumonia_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """BATCHES batches of noise images; class 1 images are brighter by 0.5."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(BATCHES):
+        labels = torch.randint(0, 2, (BATCH_SIZE,), generator=generator)
+        images = 0.5 * torch.rand(BATCH_SIZE, 3, SIDE, SIDE, generator=generator) + 0.5 * labels.view(-1, 1, 1, 1)
+        batches.append((images, labels))
+    return batches
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+
+
+class NaNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=(2, 3))) * float("nan")
+
+
+@pytest.mark.parametrize(("amp_dtype", "channels_last"), [(None, False), (torch.bfloat16, True)])
+def test_training_decreases_the_loss(amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+    data = bright_pneumonia_batches()
+    model = tiny_net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    history = [
+        train_one_epoch(model, data, optimizer, CPU, epoch=epoch, amp_dtype=amp_dtype,
+                        channels_last=channels_last, progress=False)
+        for epoch in range(8)
+    ]
+    assert all(set(stats) == set(TRAIN_KEYS) for stats in history)
+    assert all(stats["images"] == BATCHES * BATCH_SIZE for stats in history)
+    assert all(stats["seconds"] > 0 and stats["images_per_s"] > 0 for stats in history)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["accuracy"] >= 0.9
+
+
+def test_training_loss_is_the_per_image_average_and_max_batches_cuts_the_epoch() -> None:
+    data = [(images[:n], labels[:n]) for (images, labels), n in zip(bright_pneumonia_batches(), (8, 2, 8))]
+    model = tiny_net()
+    before = tiny_net()  # the same initial weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = train_one_epoch(model, data, optimizer, CPU, epoch=0, progress=False, max_batches=2)
+    assert stats["images"] == 10
+    first, second = (F.cross_entropy(before(x), y, reduction="sum").item() for x, y in data[:2])
+    assert stats["loss"] == pytest.approx((first + second) / 10, rel=1e-5)
+
+
+def test_non_finite_loss_raises_and_skips_the_step() -> None:
+    model = NaNNet()
+    weights = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match=r"epoch 3, batch 0"):
+        train_one_epoch(model, bright_pneumonia_batches(), optimizer, CPU, epoch=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_float16_training_is_refused() -> None:
+    model = tiny_net()
+    with pytest.raises(ValueError, match="float16"):
+        train_one_epoch(model, bright_pneumonia_batches(), torch.optim.SGD(model.parameters(), lr=0.1), CPU,
+                        epoch=0, amp_dtype=torch.float16, progress=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_restores_the_mode_and_returns_probabilities(training: bool) -> None:
+    data = bright_pneumonia_batches()
+    model = nn.Sequential(*tiny_net(), nn.Dropout(0.9))  # dropout: eval mode is needed for stable outputs
+    model.train(training)
+    probs, labels, loss = predict(model, data, CPU)
+    assert model.training is training
+    assert probs.shape == (BATCHES * BATCH_SIZE, 2) and probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(labels, torch.cat([y for _, y in data]).numpy())
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in data])
+    np.testing.assert_allclose(probs, logits.softmax(1).numpy(), atol=1e-6)
+    assert loss == pytest.approx(F.cross_entropy(logits, torch.from_numpy(labels)).item(), rel=1e-5)
+
+
+def test_predict_under_bfloat16_autocast_returns_float64_probabilities() -> None:
+    probs, _, loss = predict(tiny_net(), bright_pneumonia_batches(), CPU, amp_dtype=torch.bfloat16, channels_last=True)
+    assert probs.dtype == np.float64 and math.isfinite(loss)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_evaluate_adds_the_loss_to_the_metrics() -> None:
+    result = evaluate(tiny_net(), bright_pneumonia_batches(), CPU)
+    assert set(result) == {*METRIC_KEYS, "loss"}
+    assert result["n"] == BATCHES * BATCH_SIZE
+
+
+LABELS = [0, 0, 0, 1, 1, 1, 1, 1]
+P_PNEUMONIA = np.array([0.1, 0.3, 0.7, 0.4, 0.6, 0.8, 0.9, 0.95])  # TN TN FP FN TP TP TP TP
+PROBS = np.stack([1 - P_PNEUMONIA, P_PNEUMONIA], axis=1)
+
+
+def test_classification_metrics_match_hand_computed_values() -> None:
+    metrics = classification_metrics(LABELS, PROBS)
+    assert metrics["confusion_matrix"] == [[2, 1], [1, 4]]
+    assert metrics["accuracy"] == pytest.approx(6 / 8)
+    assert metrics["precision"] == pytest.approx(4 / 5)
+    assert metrics["recall"] == pytest.approx(4 / 5)
+    assert metrics["f1"] == pytest.approx(4 / 5)
+    assert metrics["specificity"] == pytest.approx(2 / 3)
+    assert metrics["roc_auc"] == pytest.approx(13 / 15)  # 13 of the 15 (positive, negative) pairs ordered
+    assert metrics["n"] == 8
+
+
+def test_positive_zero_swaps_the_roles() -> None:
+    metrics = classification_metrics(LABELS, PROBS, positive=0)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["specificity"] == pytest.approx(4 / 5)
+    assert metrics["roc_auc"] == pytest.approx(13 / 15)
+
+
+def test_single_class_labels_give_no_auc_and_zero_for_undefined_ratios() -> None:
+    probs = np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    metrics = classification_metrics([1, 1, 1], probs)
+    assert metrics["roc_auc"] is None
+    assert metrics["specificity"] == 0.0  # no negatives
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["confusion_matrix"] == [[0, 0], [1, 2]]
+
+
+def test_tta_votes_disagree_where_the_rules_differ() -> None:
+    probs = np.array([
+        [0.95, 0.05], [0.20, 0.80], [0.30, 0.70],  # surest copy says 0; mean (0.483, 0.517) says 1
+        [0.10, 0.90], [0.70, 0.30], [0.80, 0.20],  # surest copy says 1; mean (0.533, 0.467) says 0
+    ])
+    votes = tta_predict(probs, d=3)
+    np.testing.assert_array_equal(votes["max_confidence"], [0, 1])
+    np.testing.assert_array_equal(votes["mean_probability"], [1, 0])
+    np.testing.assert_allclose(votes["mean_probs"], [[1.45 / 3, 1.55 / 3], [1.6 / 3, 1.4 / 3]])
+
+
+def test_tta_rejects_rows_not_a_multiple_of_d() -> None:
+    with pytest.raises(ValueError, match="multiple of d=3"):
+        tta_predict(np.full((4, 2), 0.5), d=3)
+
+
+def test_tta_labels_return_one_label_per_group_and_reject_mixed_groups() -> None:
+    np.testing.assert_array_equal(tta_labels([1, 1, 0, 0, 1, 1], d=2), [1, 0, 1])
+    with pytest.raises(ValueError, match="group 1"):
+        tta_labels([1, 1, 0, 1, 1, 1], d=2)
+    with pytest.raises(ValueError, match="multiple"):
+        tta_labels([1, 1, 0], d=2)
+
+
+HISTORY = [
+    {"epoch": 0, "train_loss": 0.7, "val_loss": 0.6, "train_accuracy": 0.5, "val_accuracy": 0.6, "val_f1": 0.5},
+    {"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "train_accuracy": 0.7, "val_accuracy": 0.8, "val_f1": 0.7},
+    {"epoch": 2, "train_loss": 0.3, "val_loss": 0.45, "train_accuracy": 0.9, "val_accuracy": 0.8, "val_f1": 0.75},
+]
+
+
+def assert_png(path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert path.stat().st_size > 1000
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_best_epoch_is_the_minimum_finite_val_loss() -> None:
+    assert best_epoch(HISTORY) == 1
+    assert best_epoch([*HISTORY, {"epoch": 3, "val_loss": float("nan")}]) == 1
+    assert best_epoch([{"epoch": 0, "train_loss": 1.0}]) is None
+
+
+def test_learning_curves_write_a_png(tmp_path) -> None:
+    path = plot_learning_curves(HISTORY, tmp_path / "curves.png")
+    assert_png(path)
+
+
+def test_learning_curves_refuse_an_empty_history(tmp_path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        plot_learning_curves([], tmp_path / "curves.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_confusion_matrix_writes_a_png(tmp_path) -> None:
+    path = plot_confusion_matrix([[2, 1], [0, 0]], ["NORMAL", "PNEUMONIA"], tmp_path / "cm.png", title="test")
+    assert_png(path)
+
+
+def test_confusion_matrix_checks_the_class_names(tmp_path) -> None:
+    with pytest.raises(ValueError, match="class names"):
+        plot_confusion_matrix([[2, 1], [0, 3]], ["NORMAL"], tmp_path / "cm.png")

@@ -7,6 +7,7 @@
     python train.py --data-dir DIR --check-data          # index, count, list skipped files, exit
     python train.py --count-params                       # parameters and step times, both variants
     python train.py --demo                               # synthetic data set (says so loudly)
+    torchrun --nproc_per_node=N train.py --data-dir DIR  # DistributedDataParallel, one process per GPU
 
 DIR holds train/ and test/ with one folder per class (the Kermany chest_xray layout).  The best
 weights (lowest validation loss) go to modelo.h5; OUT gets the checkpoint, log.jsonl (one JSON
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -120,15 +122,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def resolve_device(name: str):
-    """The one place where the device is chosen."""
+    """The one place where the device is chosen (under torchrun: this rank's GPU, LOCAL_RANK)."""
     import torch
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
     return device
+
+
+def start_distributed(device) -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return True
 
 
 def seed_everything(seed: int) -> None:
@@ -166,9 +186,11 @@ def count_params(settings: Settings) -> int:
     from models.cost import parameter_summary, step_times
 
     device = resolve_device(settings.device)
-    print("| variant | parameters | features | classifier | largest layer |\n|---|---|---|---|---|")
+    print("| variant | parameters | features | classifier | largest layer | GMACs/image | MACs in first 2 convs |")
+    print("|---|---|---|---|---|---|---|")
     for r in parameter_summary():
-        print(f"| {r['variant']} | {r['parameters']:,} | {r['features']:,} | {r['classifier']:,} | {r['largest layer']} |")
+        print(f"| {r['variant']} | {r['parameters']:,} | {r['features']:,} | {r['classifier']:,} | {r['largest layer']} "
+              f"| {r['GMACs per image']:.2f} | {100 * r['share of MACs in the two frozen convs']:.0f}% |")
     print(f"\nstep times on {device}, batch {settings.batch_size}, 224 x 224 (median of 3 after 1 warm-up)")
     print("| variant | precision | train step s | train img/s | inference s | inference img/s |\n|---|---|---|---|---|---|")
     precisions = [("fp32", None, False)]
@@ -224,7 +246,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     seed_everything(settings.seed)
     t0 = time.perf_counter()
-    summary = train(settings, resolve_device(settings.device), resume=args.resume)
+    device = resolve_device(settings.device)
+    distributed = start_distributed(device)
+    try:
+        summary = train(settings, device, resume=args.resume)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(format_summary(summary))
     print(f"details: {Path(settings.out) / 'metrics.json'}; best weights: {summary['weights']}")
     if settings.demo:

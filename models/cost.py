@@ -18,6 +18,28 @@ def conv_parameters(model: nn.Module) -> int:
     return count_parameters(model.features)
 
 
+def multiply_adds(model: nn.Module, input_size: int = 224) -> int:
+    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers)."""
+    total = 0
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
 def parameter_summary(input_size: int = 224) -> list[dict[str, object]]:
     """Both variants, built on the meta device (no memory): total, features, classifier, largest layer."""
     rows = []
@@ -25,6 +47,7 @@ def parameter_summary(input_size: int = 224) -> list[dict[str, object]]:
         with torch.device("meta"):
             model = VGG16DWSep(input_size=input_size, separable=separable)
         table = parameter_table(model)
+        macs = multiply_adds(model, input_size)
         largest = max(table, key=lambda r: r["parameters"])
         rows.append({
             "variant": "VGG16DWSep (separable)" if separable else "same with Conv2d",
@@ -32,6 +55,8 @@ def parameter_summary(input_size: int = 224) -> list[dict[str, object]]:
             "features": conv_parameters(model),
             "classifier": count_parameters(model.classifier),
             "largest layer": f"{largest['name']} ({largest['type']}, {largest['parameters']:,})",
+            "GMACs per image": macs / 1e9,
+            "share of MACs in the two frozen convs": multiply_adds(model.features[:4], input_size) / macs,
         })
     return rows
 

@@ -16,17 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from models.early_stopping import EarlyStopping
-from models.engine import (classification_metrics, evaluate, plot_confusion_matrix, plot_learning_curves,
-                           predict, tta_labels, tta_predict, train_one_epoch)
+from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, predict,
+                           tta_labels, tta_predict, train_one_epoch)
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
 from pipelines.loaders import LoaderSettings, make_loader, make_loaders
-from pipelines.samplers import RepeatSampler
+from pipelines.samplers import RepeatSampler, unshard
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +36,39 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torchrun started a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def loader_settings(settings) -> LoaderSettings:
+    rank, world_size = world()
     return LoaderSettings(backend=settings.loader, batch_size=settings.batch_size,
                           num_workers=settings.num_workers, seed=settings.seed,
-                          train_subset=settings.train_subset)
+                          train_subset=settings.train_subset, rank=rank, world_size=world_size)
+
+
+def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int,
+                **opts: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """``predict`` over the whole sampler order: under DDP each rank predicts its share and the
+    shares are gathered back into the sampler's order (padding dropped), so every rank sees the
+    same probabilities and takes the same early-stopping decision."""
+    probs, labels, loss = predict(model, loader, device, **opts)
+    if world()[1] == 1:
+        return probs, labels, loss
+    gathered: list[Any] = [None] * world()[1]
+    dist.all_gather_object(gathered, (probs, labels))
+    probs = unshard([g[0] for g in gathered], total)
+    labels = unshard([g[1] for g in gathered], total)
+    loss = float(-np.log(np.clip(probs[np.arange(total), labels], 1e-12, None)).mean())
+    return probs, labels, loss
+
+
+def evaluate_all(model: torch.nn.Module, loader, device: torch.device, total: int, **opts: Any) -> dict:
+    probs, labels, loss = predict_all(model, loader, device, total, **opts)
+    return classification_metrics(labels, probs) | {"loss": loss}
 
 
 def precision_options(device: torch.device, use_amp: bool) -> dict[str, Any]:
@@ -103,78 +134,122 @@ def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: s
             "versions": versions()}
 
 
+def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            stopper: EarlyStopping, device: torch.device) -> tuple[list[dict], dict, int, bool]:
+    """Load a checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    stopper.load_state_dict(ckpt["early_stopping"])
+    set_rng_state(ckpt["rng"])
+    logger.info("resumed from %s at epoch %d", ckpt_path, ckpt["epoch"] + 1)
+    return ckpt["history"], ckpt["best"], ckpt["epoch"] + 1, bool(ckpt.get("stopped"))
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run carries from epoch to epoch."""
+
+    settings: Any
+    index: DatasetIndex
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stopper: EarlyStopping
+    pretrained_note: str
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings.out)
+
+    def record(self, row: dict, improved: bool, stop: bool) -> None:
+        """Main process only: log line, best weights, checkpoint, learning curves (all atomic)."""
+        append_jsonl(self.out / LOG, row)
+        if improved:
+            save_modelo_h5(self.settings.weights_out, self.model, class_names=self.index.classes,
+                           metadata=model_metadata(self.settings, self.index, self.best, self.pretrained_note))
+        save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                        early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
+                        history=self.history, best=self.best, settings=dataclasses.asdict(self.settings),
+                        stopped=stop)
+        plot_learning_curves(self.history, self.out / "learning_curves.png")
+
+
 def train(settings, device: torch.device, resume: bool = False) -> dict:
-    """Train until early stopping or ``settings.epochs``; return the test metrics of the best weights."""
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train until early stopping or ``settings.epochs``; return the test metrics of the best weights.
+
+    Under torchrun every rank trains on its share of each epoch's order (DDP averages the
+    gradients), validation predictions are gathered so all ranks stop together, and only rank 0
+    writes files.
+    """
+    rank, world_size = world()
+    main_process = rank == 0
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
     index = index_dataset(settings.data_dir)
     loaders = make_loaders(index, loader_settings(settings), device)
-    logger.info("train %d images, validation %d (resampled to the test balance), test %d; %s loader on %s",
+    logger.info("train %d images, validation %d (resampled to the test balance), test %d; %s loader on %s%s",
                 len(loaders.samplers.train_indices), len(loaders.samplers.val), len(index.test),
-                settings.loader, device)
+                settings.loader, device, f", rank {rank} of {world_size}" if world_size > 1 else "")
     model = build_model(settings, device)
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay)
-    stopper = EarlyStopping(modo="min", paciencia=settings.paciencia)
+    run = Run(settings, index, model,
+              torch.optim.Adam(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay),
+              EarlyStopping(modo="min", paciencia=settings.paciencia),
+              "ImageNet VGG16 features.0/features.2, frozen" if settings.pretrained
+              else "NONE: first two convolutions random (--no-pretrained), frozen")
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
-    history: list[dict] = []
-    best: dict = {}
     start_epoch = 0
-    ckpt_path = out / CHECKPOINT
     if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        stopper.load_state_dict(ckpt["early_stopping"])
-        set_rng_state(ckpt["rng"])
-        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
-        logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-        if ckpt.get("stopped"):
-            logger.info("that run had already stopped early: %s", stopper.reason)
+        run.history, run.best, start_epoch, stopped = restore(run.out / CHECKPOINT, model, run.optimizer,
+                                                               run.stopper, device)
+        if stopped:
+            logger.info("that run had already stopped early: %s", run.stopper.reason)
             start_epoch = settings.epochs
-    elif (out / LOG).exists():
-        (out / LOG).unlink()
+    elif main_process and (run.out / LOG).exists():
+        (run.out / LOG).unlink()
+    net = model
+    if world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opts = precision_options(device, settings.amp)
-    pretrained_note = ("ImageNet VGG16 features.0/features.2, frozen" if settings.pretrained
-                       else "NONE: first two convolutions random (--no-pretrained), frozen")
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
-        tr = train_one_epoch(model, loaders.train, optimizer, device, epoch=epoch, **opts)
-        va = evaluate(model, loaders.val, device, **opts)
-        improved = stopper.mejor(va["loss"])
-        stop = stopper.deberia_parar(va["loss"])
+        tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
+        va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
+        improved = run.stopper.mejor(va["loss"])
+        stop = run.stopper.deberia_parar(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"],
-               "seconds": tr["seconds"], "train_images_per_s": tr["images_per_s"], "improved": improved}
-        history.append(row)
-        append_jsonl(out / LOG, row)
+               "seconds": tr["seconds"], "train_images_per_s": tr["images_per_s"] * world_size,
+               "improved": improved}
+        run.history.append(row)
+        if improved:
+            run.best = {"epoch": epoch, "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"]}
         logger.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | %.0f img/s%s",
                     epoch, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"], va["f1"],
-                    tr["images_per_s"], " *best*" if improved else "")
-        if improved:
-            best = {"epoch": epoch, "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"]}
-            save_modelo_h5(settings.weights_out, model, class_names=index.classes,
-                           metadata=model_metadata(settings, index, best, pretrained_note))
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        early_stopping=stopper.state_dict(), rng=rng_state(), epoch=epoch, history=history,
-                        best=best, settings=dataclasses.asdict(settings), stopped=stop)
-        plot_learning_curves(history, out / "learning_curves.png")
+                    row["train_images_per_s"], " *best*" if improved else "")
+        if main_process:
+            run.record(row, improved, stop)
+        if world_size > 1:
+            dist.barrier()
         if stop:
-            logger.info("early stopping: %s", stopper.reason)
+            logger.info("early stopping: %s", run.stopper.reason)
             break
-    if not best:
+    if not run.best:
         raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {settings.weights_out}")
     best_model, _meta = load_modelo_h5(settings.weights_out, device=device)
     metrics = evaluate_test_set(best_model, index, settings, device)
-    summary = {"best": best, "test": metrics, "pretrained": pretrained_note, "epochs_run": len(history),
-               "weights": str(settings.weights_out), "synthetic_data": settings.demo}
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    plot_confusion_matrix(np.array(metrics["no_tta"]["confusion_matrix"]), index.classes,
-                          out / "confusion_matrix.png", title="test set, best weights, no TTA")
+    summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
+               "epochs_run": len(run.history), "weights": str(settings.weights_out),
+               "synthetic_data": settings.demo, "world_size": world_size}
+    if main_process:
+        with atomic_path(run.out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        plot_confusion_matrix(np.array(metrics["no_tta"]["confusion_matrix"]), index.classes,
+                              run.out / "confusion_matrix.png", title="test set, best weights, no TTA")
     return summary
 
 
@@ -189,14 +264,15 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
     """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies."""
     lsettings = loader_settings(settings)
     opts = precision_options(device, settings.amp)
-    plain = make_loader(index, "test", range(len(index.test)), augment=False, settings=lsettings, device=device)
-    probs, labels, loss = predict(model, plain, device, **opts)
+    n = len(index.test)
+    plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device)
+    probs, labels, loss = predict_all(model, plain, device, n, **opts)
     results = {"no_tta": classification_metrics(labels, probs) | {"loss": loss}}
     for d in settings.tta:
         torch.manual_seed(settings.seed + d)
-        loader = make_loader(index, "test", RepeatSampler(range(len(index.test)), d), augment=True,
+        loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True,
                              settings=lsettings, device=device)
-        probs_d, labels_d, _ = predict(model, loader, device, **opts)
+        probs_d, labels_d, _ = predict_all(model, loader, device, n * d, **opts)
         y = tta_labels(labels_d, d)
         preds = tta_predict(probs_d, d)
         results[f"tta{d}"] = {

@@ -16,11 +16,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from .data import DatasetIndex, with_transform
-from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, split_train_val
+from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
 from .transforms import DEFAULT_TOOLCHAIN, get_toolchain
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ("torchvision", "dali")
+RANK_SEED_STRIDE = 7919  # each DDP rank draws its own augmentation
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class LoaderSettings:
     toolchain: str = DEFAULT_TOOLCHAIN
     val_fraction: float = 0.2
     train_subset: int | None = None
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -128,22 +131,27 @@ class Loaders:
 
 def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augment: bool,
                 settings: LoaderSettings, device: torch.device | str = "cpu"):
-    """One loader of the chosen back end over ``index.<split>`` in ``sampler``'s order."""
+    """One loader of the chosen back end over ``index.<split>`` in ``sampler``'s order.
+
+    Under DistributedDataParallel (``world_size > 1``) it delivers this rank's share of that order.
+    """
     dataset = getattr(index, split)
+    if settings.world_size > 1:
+        sampler = ShardedSampler(sampler, settings.rank, settings.world_size)
     if settings.backend == "dali":
         from .dali import DaliLoader
 
         device = torch.device(device)
         files = [path for path, _ in dataset.samples]
         return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
-                          augment=augment, seed=settings.seed,
+                          augment=augment, seed=settings.seed + RANK_SEED_STRIDE * settings.rank,
                           device_id=(device.index or 0) if device.type == "cuda" else None,
                           num_threads=max(1, settings.num_workers))
     chain = get_toolchain(settings.toolchain)
     view = with_transform(dataset, chain.train if augment else chain.eval)
     view.loader = chain.loader
-    return TorchvisionLoader(view, sampler, batch_size=settings.batch_size,
-                             num_workers=settings.num_workers, device=device, seed=settings.seed)
+    return TorchvisionLoader(view, sampler, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                             device=device, seed=settings.seed + RANK_SEED_STRIDE * settings.rank)
 
 
 def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),

@@ -117,3 +117,38 @@ class SeededSubsetRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class ShardedSampler(Sampler[int]):
+    """One rank's share of another sampler's epoch order, for DistributedDataParallel.
+
+    The epoch order is padded by wrapping around to a multiple of ``world_size`` (as
+    ``DistributedSampler`` does) so every rank runs the same number of steps; rank r takes
+    positions r, r + W, r + 2W, ...  ``unshard`` puts gathered per-rank results back in order.
+    """
+
+    def __init__(self, sampler: Sampler[int], rank: int, world_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        if order:
+            order += order[: (-len(order)) % self.world_size]
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.world_size)
+
+
+def unshard(per_rank: list[np.ndarray], total: int) -> np.ndarray:
+    """Interleave the ranks' results (rank r holds positions r, r + W, ...) and drop the padding."""
+    world = len(per_rank)
+    n = max(len(p) for p in per_rank)
+    stacked = np.stack([np.asarray(p) for p in per_rank], axis=1)  # n x W x ...
+    return stacked.reshape(n * world, *stacked.shape[2:])[:total]

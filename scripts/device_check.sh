@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
+#   1. parameters and step times of both variants, fp32 and bf16 + channels-last (train.py --count-params)
+#   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
+#   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision
+# Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
+#
+# On the GPU machine (after staging DALI as DEVICE.md says, or without DALI):
+#   run(command="bash scripts/device_check.sh", carry=[".data"], timeout_s=580)
+# Here, to try the CPU part:  DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/device_check}
+mkdir -p "$OUT"
+DATA=${DATA:-.data}
+[ -d "$DATA/chest_xray_224" ] || DATA=../shared/data
+[ -d .dali/site ] && export PYTHONPATH=$PWD/.dali/site${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+[ -x .venv/bin/python ] && [ -z "${DEVICE_CHECK_GPU_PY:-}" ] && PY=.venv/bin/python
+CPU=${DEVICE_CHECK_CPU:-0}
+LOADER=torchvision
+$PY -c "import nvidia.dali" 2>/dev/null && LOADER=dali
+NPROC=$(nproc)
+{
+  echo "== machine"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  echo "loader for training: $LOADER; cores: $NPROC; data: $DATA"
+} | tee "$OUT/summary.txt"
+
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$OUT/summary.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.log" | grep -E '^\||img/s|error|Error' | tail -n 25 >> "$OUT/summary.txt"
+  echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+}
+
+if [ "$CPU" = 1 ]; then
+  step count_params 300 $PY train.py --count-params --device cpu --batch-size 4
+  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 --n224 64 \
+       --batch-sizes 16 --json "$OUT/bench.json"
+  step train 300 $PY train.py --data-dir "$DATA/chest_xray_224" --loader "$LOADER" --no-pretrained \
+       --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" --weights-out "$OUT/run/modelo.h5"
+else
+  step count_params 120 $PY train.py --count-params --device cuda --batch-size 64
+  step bench 180 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 --n224 2000 \
+       --batch-sizes 64 256 --json "$OUT/bench.json"
+  step train 240 $PY train.py --data-dir "$DATA/chest_xray_224" --loader "$LOADER" --no-pretrained \
+       --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 --out "$OUT/run" \
+       --weights-out "$OUT/run/modelo.h5"
+fi
+cp "$OUT"/run/{metrics.json,log.jsonl,learning_curves.png,confusion_matrix.png} "$OUT"/ 2>/dev/null
+rm -rf "$OUT/run"
+cat "$OUT/summary.txt"

@@ -1,0 +1,127 @@
+"""The whole run on a tiny synthetic set: outputs, modelo.h5, resume after kill -9, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.h5io import load_modelo_h5, read_modelo_metadata
+from models.training import train
+from pipelines.synthetic import make_synthetic_dataset
+from train import Settings, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("train") / "data", n_train=(6, 10), n_test=(3, 3),
+                                  seed=3, min_size=96, max_size=160)
+
+
+def settings_for(data: Path, out: Path, **kw) -> Settings:
+    base = dict(data_dir=str(data), out=str(out), weights_out=str(out / "modelo.h5"), epochs=2, batch_size=8,
+                num_workers=0, pretrained=False, tta=(2,))
+    return Settings(**(base | kw))
+
+
+def test_train_writes_every_output(small_set, tmp_path):
+    torch.manual_seed(0)
+    summary = train(settings_for(small_set, tmp_path), torch.device("cpu"))
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_f1", "seconds", "train_images_per_s"} <= set(rows[0])
+    for name in ("learning_curves.png", "confusion_matrix.png", "metrics.json", "checkpoint.pt", "modelo.h5"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    meta = read_modelo_metadata(tmp_path / "modelo.h5")
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert "NONE" in meta["metadata"]["pretrained"]  # never pretends to be pretrained
+    assert meta["metadata"]["best"]["epoch"] == summary["best"]["epoch"]
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert summary["best"]["val_loss"] == pytest.approx(best["val_loss"])
+    model, _ = load_modelo_h5(tmp_path / "modelo.h5")
+    assert model(torch.rand(1, 3, 224, 224)).shape == (1, 2)
+    assert set(summary["test"]) == {"no_tta", "tta2"} and summary["test"]["no_tta"]["n"] == 6
+
+
+def test_frozen_first_convolutions_do_not_move(small_set, tmp_path):
+    torch.manual_seed(0)
+    train(settings_for(small_set, tmp_path, epochs=1, tta=()), torch.device("cpu"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(0)
+    from models.vgg16dwsep import VGG16DWSep
+
+    init = VGG16DWSep().state_dict()
+    assert torch.equal(ckpt["model"]["features.0.weight"], init["features.0.weight"])
+    assert torch.equal(ckpt["model"]["features.2.bias"], init["features.2.bias"])
+    assert not torch.equal(ckpt["model"]["classifier.1.weight"], init["classifier.1.weight"])
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_kill_9_loses_at_most_the_epoch_in_progress(small_set, tmp_path):
+    args = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
+            "--epochs", "3", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--tta"]
+    proc = run_cli(args)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1
+                                          and (tmp_path / "checkpoint.pt").exists()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(0.5)  # now inside epoch 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"]
+    resumed = run_cli(args + ["--resume"])
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {tmp_path / 'checkpoint.pt'} at epoch {done + 1}" in err
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(3)) or epochs[: done + 1] == list(range(done + 1))
+    assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
+    assert "| no TTA |" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--check-data"], "--data-dir"),
+    (["--data-dir", "/nonexistent/xray"], "/nonexistent/xray"),
+    (["--data-dir", ".", "--epochs", "0"], "--epochs"),
+    (["--data-dir", ".", "--eval-only"], "--weights"),
+])
+def test_cli_errors_are_one_clear_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(small_set, tmp_path, capsys):
+    rc = main(["--data-dir", str(small_set), "--out", str(tmp_path), "--resume", "--no-pretrained"])
+    assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_missing_imagenet_weights_say_how_to_get_them(small_set, tmp_path, capsys):
+    rc = main(["--data-dir", str(small_set), "--out", str(tmp_path), "--vgg16-weights", str(tmp_path / "nope.pth")])
+    assert rc == 2 and "nope.pth" in capsys.readouterr().err
+
+
+def test_eval_only_prints_one_json_object(small_set, tmp_path, capsys):
+    torch.manual_seed(0)
+    train(settings_for(small_set, tmp_path, epochs=1, tta=()), torch.device("cpu"))
+    capsys.readouterr()
+    rc = main(["--data-dir", str(small_set), "--eval-only", "--weights", str(tmp_path / "modelo.h5"),
+               "--tta", "2", "--json", "--num-workers", "0"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["test"]) == {"no_tta", "tta2"}
+    assert 0 <= result["test"]["no_tta"]["accuracy"] <= 1

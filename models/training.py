@@ -47,7 +47,8 @@ def loader_settings(settings) -> LoaderSettings:
     rank, world_size = world()
     return LoaderSettings(backend=settings.loader, batch_size=settings.batch_size,
                           num_workers=settings.num_workers, seed=settings.seed,
-                          train_subset=settings.train_subset, rank=rank, world_size=world_size)
+                          train_subset=settings.train_subset, rank=rank, world_size=world_size,
+                          eval_gain=settings.eval_gain, decoded_cache=settings.decoded_cache)
 
 
 def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int,
@@ -126,7 +127,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: str) -> dict:
     from pipelines.transforms import get_toolchain
 
-    chain = get_toolchain()
+    chain = get_toolchain(eval_gain=settings.eval_gain)
     return {"settings": dataclasses.asdict(settings), "best": best, "pretrained": pretrained_note,
             "train_transform": repr(chain.train), "eval_transform": repr(chain.eval),
             "data": {"root": str(index.root), "train": index.class_counts("train"),
@@ -241,7 +242,7 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     if not run.best:
         raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {settings.weights_out}")
     best_model, _meta = load_modelo_h5(settings.weights_out, device=device)
-    metrics = evaluate_test_set(best_model, index, settings, device)
+    metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches)
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
                "synthetic_data": settings.demo, "world_size": world_size}
@@ -260,18 +261,20 @@ def most_confident_copy(probs: np.ndarray, d: int) -> np.ndarray:
     return grouped[np.arange(len(grouped)), best]
 
 
-def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device) -> dict:
+def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device,
+                      caches: dict | None = None) -> dict:
     """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies."""
     lsettings = loader_settings(settings)
     opts = precision_options(device, settings.amp)
     n = len(index.test)
-    plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device)
+    caches = {} if caches is None else caches
+    plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device, caches=caches)
     probs, labels, loss = predict_all(model, plain, device, n, **opts)
     results = {"no_tta": classification_metrics(labels, probs) | {"loss": loss}}
     for d in settings.tta:
         torch.manual_seed(settings.seed + d)
         loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True,
-                             settings=lsettings, device=device)
+                             settings=lsettings, device=device, caches=caches)
         probs_d, labels_d, _ = predict_all(model, loader, device, n * d, **opts)
         y = tta_labels(labels_d, d)
         preds = tta_predict(probs_d, d)
@@ -282,10 +285,14 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
     return results
 
 
-def evaluate_weights(settings, weights: str | Path, device: torch.device) -> dict:
+def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None) -> dict:
+    """Test metrics of a modelo.h5; ``eval_gain=None`` uses the gain the model was trained with."""
     model, meta = load_modelo_h5(weights, device=device)
+    trained_gain = meta.get("metadata", {}).get("settings", {}).get("eval_gain", 1.0)
+    settings = dataclasses.replace(settings, eval_gain=trained_gain if eval_gain is None else eval_gain)
     index = index_dataset(settings.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "
                          f"but {settings.data_dir} has {index.classes}")
-    return {"weights": str(weights), "test": evaluate_test_set(model, index, settings, device)}
+    return {"weights": str(weights), "eval_gain": settings.eval_gain,
+            "test": evaluate_test_set(model, index, settings, device)}

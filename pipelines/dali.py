@@ -12,19 +12,24 @@ occurrence. The inputs are the encoded files, or with a `DecodedCache` the decod
 resized images, plus on the CPU the noise of the batch.
 
 Where the CPU time goes (one DALI thread, 1.5 MP grayscale JPEGs, ms per image): decode to
-RGB 3.8, resize to 224 x 224 4.7, rotate 1.5 (0.8 on one plane), DALI's per-value uniform
+RGB 3.8, resize to 224 x 224 4.7, rotate 1.5 (0.7 on one plane), DALI's per-value uniform
 noise 1.8 (its CPU generator does not spread over threads), /255, flip, transpose and
-multiply about 0.1 each, Python feeding and DLPack below 0.05. Hence the two choices below:
-grayscale files stay one plane until the noise, and on the CPU numpy draws the noise
-(0.2 ms per image). Tried and not kept: `use_fast_idct` (no measurable gain; it also
+multiply about 0.1 each, Python feeding 0.02, DLPack 0.001. Hence grayscale files stay one
+plane until the noise, and on the CPU numpy draws the noise (0.2 ms per image). With both,
+the training loader on chest_xray_fullres takes 6.6 instead of 12.1 CPU ms per image
+(1.8-1.9x the images per second of the three-plane graph, same run, 2 threads); from a
+`DecodedCache`, 1.1 ms. Tried and not kept: `use_fast_idct` (no measurable gain, and it
 changes the decoded values), flip and rotation fused into one `fn.warp_affine` (no gain:
-the flip costs 0.03 ms).
+the flip costs 0.03 ms), `prefetch_queue_depth` 3 or 4 and `exec_dynamic=False` (no change
+in CPU time per image; the old executor would also reuse the output buffers that DLPack
+shares). Not tried: `fn.readers.file` instead of the Python feeding, which costs 0.02 ms.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -117,18 +122,21 @@ def rotate_ccw(images: DataNode, angle: DataNode | float) -> DataNode:
     )
 
 
-def eval_graph(images: DataNode, device: str) -> DataNode:
+def eval_graph(images: DataNode, device: str, gain: float = 1.0) -> DataNode:
     """Evaluation processing of `decode_resize`'s output: /255, float32 CHW in [0, 1], a
-    single plane repeated to 3 channels by the broadcasting division."""
+    single plane repeated to 3 channels by the broadcasting division; then times `gain`
+    unless 1 (as `pipelines.transforms.Gain`)."""
     by_255 = types.Constant(np.full((3, 1, 1), 255.0, np.float32), device=device)
-    return to_chw(images) / by_255
+    images = to_chw(images) / by_255
+    return images if gain == 1.0 else images * gain
 
 
 def train_graph(images: DataNode, noise: DataNode) -> DataNode:
     """Training processing of `decode_resize`'s output: /255, then per sample a horizontal
     flip with probability 1/2, a rotation by a uniform angle in [-20, 20] degrees, and each
     value of each of the 3 channels multiplied by its own draw from `noise` (float32 3 x H x W,
-    uniform in [1.2, 1.5]); float32 CHW."""
+    uniform in [1.2, 1.5]); float32 CHW. The transposition comes before the multiplication,
+    which broadcasts a grayscale file's single plane to the 3 channels."""
     images = fn.flip(images / 255.0, horizontal=fn.random.coin_flip(probability=FLIP_PROBABILITY))
     images = rotate_ccw(images, fn.random.uniform(range=[-MAX_ROTATION_DEG, MAX_ROTATION_DEG]))
     return to_chw(images) * noise
@@ -160,7 +168,7 @@ NOISE = Feed(types.FLOAT, 3, "CHW")
 
 
 def loader_graph(fed: Sequence[DataNode], *, cached: bool, augment: bool, device: str,
-                 size: int) -> DataNode:
+                 size: int, eval_gain: float = 1.0) -> DataNode:
     """The loader's processing of the external source's outputs: (encoded files, gray
     flags) or (decoded images,), then the noise when augmenting on the CPU."""
     if cached:
@@ -168,7 +176,7 @@ def loader_graph(fed: Sequence[DataNode], *, cached: bool, augment: bool, device
     else:
         images = decode_resize(fed[0], fed[1], device, size)
     if not augment:
-        return eval_graph(images, device)
+        return eval_graph(images, device, eval_gain)
     if device == "cpu":
         return train_graph(images, fed[-1])
     noise = fn.random.uniform(range=list(NOISE_RANGE), shape=[3, size, size], device=device)
@@ -189,6 +197,7 @@ def fed_pipeline(
         dtype=[f.dtype for f in feeds],
         ndim=[f.ndim for f in feeds],
         layout=[f.layout for f in feeds],
+        no_copy=True,
     )
     return process(fed)
 
@@ -231,12 +240,15 @@ class _EpochSource:
     `start`.
 
     A non-parallel external source is called from the thread that runs the pipeline, so
-    this state is only touched from there.
+    this state is only touched from there. DALI reads the fed arrays in place (`no_copy`:
+    0.1 of 1.2 ms per image when cached), so the last feeds are kept alive here until the
+    pipeline has consumed them, at most `PREFETCH_QUEUE_DEPTH` + 1 iterations later.
     """
 
     def __init__(self, feed: Callable[[np.ndarray], tuple]) -> None:
         self._feed = feed
         self._batches: list[np.ndarray] = []
+        self._in_flight: deque[tuple] = deque(maxlen=PREFETCH_QUEUE_DEPTH + 2)
 
     def start(self, batches: list[np.ndarray]) -> None:
         self._batches = batches
@@ -248,7 +260,9 @@ class _EpochSource:
     def __call__(self, info: types.BatchInfo) -> tuple:
         if info.iteration >= len(self._batches):
             raise StopIteration
-        return self._feed(self._batches[info.iteration])
+        fed = self._feed(self._batches[info.iteration])
+        self._in_flight.append(fed)
+        return fed
 
 
 class FedPipeline:
@@ -257,6 +271,9 @@ class FedPipeline:
     Runs one epoch at a time. While batch k is with the caller, the pipeline already works
     on the next ones (the default, dynamic executor does not reuse output buffers, so the
     outputs stay valid). A DALI failure becomes an error naming the file.
+    Nothing here refers back to its owner, so a dropped loader frees its pipeline at once
+    rather than at a garbage collection, which might come in a forked DataLoader worker
+    and hang there in the pipeline's destructor.
     """
 
     def __init__(
@@ -273,10 +290,9 @@ class FedPipeline:
     ) -> None:
         self.files = files
         self._source = _EpochSource(feed)
-        self._build = lambda: fed_pipeline(
-            self._source,
-            feeds,
-            process,
+        self._feeds = feeds
+        self._process = process
+        self._options = dict(
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=device_id,
@@ -289,7 +305,8 @@ class FedPipeline:
     def epoch(self, batches: list[np.ndarray]) -> Iterator[tuple[TensorListCPU, ...]]:
         """The pipeline's outputs for each batch of indices, in order."""
         if self._in_epoch:
-            raise RuntimeError("a DALI pipeline runs one epoch at a time; finish or close the other")
+            raise RuntimeError("a DALI pipeline runs one epoch at a time; "
+                               "finish or close the other")
         if not batches:
             return
         pipe = self._pipeline()
@@ -312,10 +329,16 @@ class FedPipeline:
             self._source.stop()
             self._in_epoch = False
 
+    def release(self) -> None:
+        """Drop the pipeline and its threads (a later epoch builds a new one)."""
+        if self._in_epoch:
+            raise RuntimeError("cannot release a DALI pipeline during its epoch")
+        self._pipe = None
+
     def _pipeline(self) -> Pipeline:
         """The pipeline, built on first use and again after a failure."""
         if self._pipe is None:
-            self._pipe = self._build()
+            self._pipe = fed_pipeline(self._source, self._feeds, self._process, **self._options)
             self._pipe.build()
         return self._pipe
 
@@ -355,6 +378,24 @@ class FedPipeline:
             self._pipe = None
 
 
+class _LoaderFeed:
+    """The loader's external source outputs for a batch of indices: the encoded files and
+    their grayscale flags, or the cached images; then the noise when `noise_rng` is set."""
+
+    def __init__(self, files: Sequence[str], cache: DecodedCache | None,
+                 noise_rng: np.random.Generator | None, size: int) -> None:
+        self.files, self.cache, self.noise_rng, self.size = files, cache, noise_rng, size
+
+    def __call__(self, indices: np.ndarray) -> tuple:
+        if self.cache is not None:
+            fed: tuple = (self.cache.images(indices),)
+        else:
+            fed = encoded_batch(self.files, indices)
+        if self.noise_rng is None:
+            return fed
+        return (*fed, uniform_noise(self.noise_rng, len(indices), self.size))
+
+
 def batch_plan(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[s : s + batch_size] for s in range(0, order.size, batch_size)]
 
@@ -369,6 +410,8 @@ class DaliLoader:
     With a `cache` (a `DecodedCache` of the same files and size) the pipeline is fed the
     cached decoded images, filled lazily where missing, and skips decoding and resizing:
     the same images, since the cache holds this loader's own decode and resize.
+    `eval_gain` multiplies the evaluation images (not the training ones), as
+    `pipelines.transforms.get_toolchain(..., eval_gain)` does.
     The random draws come from `seed` (DALI's for flips and angles, numpy's for the
     noise on the CPU); each epoch continues the random streams, so epochs differ from each
     other but a loader built with the same seed, sampler order and epoch count repeats them.
@@ -387,11 +430,14 @@ class DaliLoader:
         num_threads: int = 2,
         size: int = 224,
         cache: DecodedCache | None = None,
+        eval_gain: float = 1.0,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not eval_gain > 0:
+            raise ValueError(f"eval_gain must be > 0, got {eval_gain}")
         self.files = [str(f) for f in files]
         if cache is not None and (cache.files != self.files or cache.size != size):
             raise ValueError(
@@ -407,19 +453,21 @@ class DaliLoader:
         self.num_threads = num_threads
         self.size = size
         self.cache = cache
+        self.eval_gain = eval_gain
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         device = dali_device(device_id)
         cpu_noise = augment and device == "cpu"
-        self._noise_rng = np.random.default_rng(seed) if cpu_noise else None
+        noise_rng = np.random.default_rng(seed) if cpu_noise else None
         feeds = [DECODED] if cache is not None else [ENCODED, GRAY_FLAG]
         if cpu_noise:
             feeds.append(NOISE)
-        self._pipeline = FedPipeline(
+        self._fed = FedPipeline(
             self.files,
-            self._feed,
+            _LoaderFeed(self.files, cache, noise_rng, size),
             feeds,
             lambda fed: loader_graph(
-                fed, cached=cache is not None, augment=augment, device=device, size=size
+                fed, cached=cache is not None, augment=augment, device=device, size=size,
+                eval_gain=eval_gain,
             ),
             batch_size=batch_size,
             num_threads=num_threads,
@@ -430,25 +478,24 @@ class DaliLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` of the sampler's order.
+
+        DALI's own random streams (flips, angles) cannot be rewound: they continue, so a resumed
+        run gets fresh draws of the same distributions rather than the interrupted run's.
+        """
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
         if order.size and (order.min() < 0 or order.max() >= len(self.files)):
             raise ValueError(f"sampler yielded an index outside [0, {len(self.files)})")
         batches = batch_plan(order, self.batch_size)
-        with closing(self._pipeline.epoch(batches)) as outputs:
-            for indices, (images,) in zip(batches, outputs):
-                labels = self.labels[torch.from_numpy(indices)].to(self.device)
+        with closing(self._fed.epoch(batches)) as outputs:
+            for k, (images,) in enumerate(outputs):
+                labels = self.labels[torch.from_numpy(batches[k])].to(self.device)
                 yield self._to_torch(images), labels
-
-    def _feed(self, indices: np.ndarray) -> tuple:
-        """The external source's outputs for a batch of indices."""
-        if self.cache is not None:
-            fed: tuple = (self.cache.images(indices),)
-        else:
-            fed = encoded_batch(self.files, indices)
-        if self._noise_rng is None:
-            return fed
-        return (*fed, uniform_noise(self._noise_rng, len(indices), self.size))
 
     def _to_torch(self, images) -> torch.Tensor:
         """The batch shared with DALI through DLPack, without a copy."""

@@ -9,8 +9,11 @@ to PIL's decode and bilinear resize (on the 160 full-resolution files, mean |dif
 0.09 / 255, 99th percentile 1 / 255, against 0.70 / 255 and 6 / 255 for `load_cv2_reduced` +
 `cv2.resize(INTER_AREA)`).
 
-Memory: a grayscale file is kept as one plane (50 KB at 224 x 224), an RGB file as three;
-the 5216 training images take 262 MB where three planes each would take 785 MB.
+Memory: a grayscale image is kept as one plane (50 KB at 224 x 224), a colour one as
+three. Grayscale means a 1-component JPEG or an RGB one whose decoded channels are equal,
+as every file of chest_xray_224 (RGB JPEGs of gray content); since the channels are equal,
+the cached training graph then also works on one plane until the noise, exactly. The 5216
+training images take 262 MB, where three planes each would take 785 MB.
 
     cache = DecodedCache(files).fill(progress=True)
     loader = DaliLoader(files, labels, sampler, augment=True, cache=cache)
@@ -26,11 +29,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import closing
+from functools import partial
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 import torch
+from nvidia.dali.tensors import TensorListCPU
 from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 
@@ -38,6 +44,13 @@ from . import imageio
 from .dali import DECODED, ENCODED, GRAY_FLAG, FedPipeline, batch_plan, decode_resize, encoded_batch
 
 logger = logging.getLogger(__name__)
+
+
+def equal_channels(image: np.ndarray) -> bool:
+    """True when the 3 channels of an H x W x 3 image are equal: an RGB JPEG of gray
+    content (every file of chest_xray_224), which can be stored and processed as one plane."""
+    return np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(
+        image[:, :, 0], image[:, :, 2])
 
 
 class DecodedCache:
@@ -66,7 +79,7 @@ class DecodedCache:
         self._filled = np.zeros(len(self.files), bool)
         self._decoder = FedPipeline(
             self.files,
-            lambda indices: encoded_batch(self.files, indices),
+            partial(encoded_batch, self.files),
             [ENCODED, GRAY_FLAG],
             lambda fed: decode_resize(fed[0], fed[1], "cpu", size),
             batch_size=batch_size,
@@ -74,14 +87,14 @@ class DecodedCache:
             device_id=None,
             seed=0,
         )
-        self._batch_size = batch_size
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self.files)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the filled images: one plane per grayscale file, three per RGB file."""
+        """Bytes of the filled images: one plane per grayscale image, three per colour one."""
         rgb = sum(a.nbytes for a in self._rgb.values())
         return int(self._filled.sum() - len(self._rgb)) * self._planes[0].nbytes + rgb
 
@@ -105,7 +118,7 @@ class DecodedCache:
 
     def images(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """The cached images of `indices` (decoded first where missing): read-only
-        size x size x 1 views for grayscale files, size x size x 3 for RGB files."""
+        size x size x 1 views for grayscale images, size x size x 3 for colour ones."""
         indices = np.asarray(indices, dtype=np.int64)
         missing = np.unique(indices[~self._filled[indices]])
         if missing.size:
@@ -127,17 +140,23 @@ class DecodedCache:
         return view
 
     def _decode(self, indices: np.ndarray, bar=None) -> None:
-        batches = batch_plan(indices, self._batch_size)
-        for batch, (images,) in zip(batches, self._decoder.epoch(batches)):
-            for k, i in enumerate(batch):
-                image = np.asarray(images[k])
-                if image.shape[2] == 1:
-                    self._planes[i] = image
-                else:
-                    self._rgb[int(i)] = image.copy()
-            self._filled[batch] = True
-            if bar is not None:
-                bar.update(len(batch))
+        batches = batch_plan(indices, self.batch_size)
+        with closing(self._decoder.epoch(batches)) as outputs:
+            for k, (images,) in enumerate(outputs):
+                self._store(batches[k], images)
+                if bar is not None:
+                    bar.update(len(batches[k]))
+        if self._filled.all():
+            self._decoder.release()  # a full cache holds no DALI threads when workers fork
+
+    def _store(self, indices: np.ndarray, images: TensorListCPU) -> None:
+        for k, i in enumerate(indices):
+            image = np.asarray(images[k])
+            if image.shape[2] == 1 or equal_channels(image):
+                self._planes[i] = image[:, :, :1]
+            else:
+                self._rgb[int(i)] = image.copy()
+        self._filled[indices] = True
 
 
 class CachedImageDataset(Dataset):
@@ -167,19 +186,16 @@ def cached_train_transform() -> Compose:
 
 
 def data_name(files: Sequence[str]) -> str:
-    """The data set's name for a benchmark row: the first folder under the common parent
-    that is not a class or split folder."""
-    parts = os.path.commonpath([os.path.dirname(f) for f in files]).split(os.sep)
-    names = [p for p in parts if p and p not in ("NORMAL", "PNEUMONIA", "train", "test", "val")]
-    return names[-1] if names else "files"
+    """The data set's name for a benchmark row: the folder holding all the files."""
+    return Path(os.path.commonpath([os.path.dirname(f) for f in files])).name
 
 
 def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
                          workers: int) -> list[dict]:
     """Images per second, training augmentation, `files` repeated `repeats` times in order:
     DALI on the CPU uncached and cached, and our torchvision chain over the same cache
-    (`workers` DALI threads or DataLoader workers). The cache is filled once, beforehand;
-    its fill rate is the first row ("cache fill", batch = DALI's fill batch)."""
+    (`workers` DALI threads, at least 1, or DataLoader workers). The cache is filled once,
+    beforehand, with as many DALI threads; its fill rate is the first row ("cache fill")."""
     from .bench import loader_images_per_s, repeated_sampler
     from .dali import DaliLoader
     from .loaders import TorchvisionLoader
@@ -187,19 +203,21 @@ def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
     order = repeated_sampler(len(files), repeats)
     labels = [0] * len(files)
     name = data_name(files)
-    cache = DecodedCache(files, num_threads=workers)
+    threads = max(1, workers)
+    cache = DecodedCache(files, num_threads=threads)
     start = time.perf_counter()
     cache.fill()
     fill_s = time.perf_counter() - start
-    logger.info("cache of %d images filled in %.1f s, %.1f MB", len(cache), fill_s, cache.nbytes / 1e6)
-    rows = [{"data": name, "loader": f"cache fill ({cache.nbytes / 1e6:.0f} MB)", "batch": 32,
-             "workers": workers, "images": len(files), "images_per_s": len(files) / fill_s}]
+    megabytes = cache.nbytes / 1e6
+    logger.info("cache of %d images filled in %.1f s, %.1f MB", len(cache), fill_s, megabytes)
+    rows = [{"data": name, "loader": f"cache fill ({megabytes:.0f} MB)", "batch": cache.batch_size,
+             "workers": threads, "images": len(files), "images_per_s": len(files) / fill_s}]
     dataset = CachedImageDataset(cache, labels, cached_train_transform())
     factories = {
         "DALI CPU": lambda b: DaliLoader(files, labels, order, batch_size=b, augment=True,
-                                         num_threads=workers),
+                                         num_threads=threads),
         "DALI CPU cached": lambda b: DaliLoader(files, labels, order, batch_size=b, augment=True,
-                                                num_threads=workers, cache=cache),
+                                                num_threads=threads, cache=cache),
         "torchvision ours (cv2) cached": lambda b: TorchvisionLoader(
             dataset, order, batch_size=b, num_workers=workers),
     }

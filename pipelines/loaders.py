@@ -9,7 +9,7 @@ train iterates a seeded ``SubsetRandomSampler`` over 80 % of the train folder, v
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class LoaderSettings:
     train_subset: int | None = None
     rank: int = 0
     world_size: int = 1
+    eval_gain: float = 1.0
+    decoded_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -127,17 +129,45 @@ class Loaders:
     val: object
     test: object
     samplers: Samplers
+    caches: dict = field(default_factory=dict)
+
+
+def split_cache(index: DatasetIndex, split: str, settings: LoaderSettings, caches: dict):
+    """The split's ``DecodedCache``, decoded and resized once (progress bar) and kept in ``caches``.
+
+    Filled here, in the main process, so DataLoader workers forked later share it.
+    """
+    from .decoded_cache import DecodedCache
+
+    if split not in caches:
+        files = [path for path, _ in getattr(index, split).samples]
+        caches[split] = DecodedCache(files, num_threads=max(1, settings.num_workers)).fill(progress=True)
+    return caches[split]
+
+
+def cached_view(cache, targets, augment: bool, settings: LoaderSettings):
+    """Our OpenCV chain after its resize, over cached 224 x 224 images."""
+    from torchvision.transforms import Compose
+
+    from .decoded_cache import CachedImageDataset
+
+    chain = get_toolchain("cv2", settings.eval_gain)
+    steps = (chain.train if augment else chain.eval).transforms[1:]  # [0] is the resize
+    return CachedImageDataset(cache, targets, Compose(steps))
 
 
 def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augment: bool,
-                settings: LoaderSettings, device: torch.device | str = "cpu"):
+                settings: LoaderSettings, device: torch.device | str = "cpu", caches: dict | None = None):
     """One loader of the chosen back end over ``index.<split>`` in ``sampler``'s order.
 
     Under DistributedDataParallel (``world_size > 1``) it delivers this rank's share of that order.
+    With ``settings.decoded_cache`` the files are decoded and resized once (``caches`` keeps them
+    between loaders of the same split) and every epoch starts from the cached images.
     """
     dataset = getattr(index, split)
     if settings.world_size > 1:
         sampler = ShardedSampler(sampler, settings.rank, settings.world_size)
+    cache = split_cache(index, split, settings, {} if caches is None else caches) if settings.decoded_cache else None
     if settings.backend == "dali":
         from .dali import DaliLoader
 
@@ -145,11 +175,15 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
         files = [path for path, _ in dataset.samples]
         return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
                           augment=augment, seed=settings.seed + RANK_SEED_STRIDE * settings.rank,
+                          eval_gain=settings.eval_gain, cache=cache,
                           device_id=(device.index or 0) if device.type == "cuda" else None,
                           num_threads=max(1, settings.num_workers))
-    chain = get_toolchain(settings.toolchain)
-    view = with_transform(dataset, chain.train if augment else chain.eval)
-    view.loader = chain.loader
+    if cache is not None:
+        view = cached_view(cache, dataset.targets, augment, settings)
+    else:
+        chain = get_toolchain(settings.toolchain, settings.eval_gain)
+        view = with_transform(dataset, chain.train if augment else chain.eval)
+        view.loader = chain.loader
     return TorchvisionLoader(view, sampler, batch_size=settings.batch_size, num_workers=settings.num_workers,
                              device=device, seed=settings.seed + RANK_SEED_STRIDE * settings.rank)
 
@@ -157,10 +191,12 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
 def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),
                  device: torch.device | str = "cpu") -> Loaders:
     samplers = make_samplers(index, settings.seed, settings.val_fraction, settings.train_subset)
+    caches: dict = {}
+    kw = dict(settings=settings, device=device, caches=caches)
     return Loaders(
-        train=make_loader(index, "train", samplers.train, augment=True, settings=settings, device=device),
-        val=make_loader(index, "train", samplers.val, augment=False, settings=settings, device=device),
-        test=make_loader(index, "test", samplers.test, augment=False, settings=settings, device=device),
-        samplers=samplers,
+        train=make_loader(index, "train", samplers.train, augment=True, **kw),
+        val=make_loader(index, "train", samplers.val, augment=False, **kw),
+        test=make_loader(index, "test", samplers.test, augment=False, **kw),
+        samplers=samplers, caches=caches,
     )
 

@@ -17,6 +17,7 @@ turns the image counter-clockwise, as in ``torchvision.transforms.functional.rot
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -260,8 +261,37 @@ TOOLCHAINS: dict[str, Callable[[], Toolchain]] = {
 DEFAULT_TOOLCHAIN = "cv2"
 
 
-def get_toolchain(name: str = DEFAULT_TOOLCHAIN) -> Toolchain:
+class Gain(torch.nn.Module):
+    """Multiply a tensor by a constant (evaluation-time match of the training noise's mean)."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        if not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain}")
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain}"
+
+
+#: E[U(1.2, 1.5)]: training images are on average this much brighter than evaluation images.
+NOISE_MEAN = (NOISE_LOW + NOISE_HIGH) / 2
+
+
+def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0) -> Toolchain:
+    """The named toolchain; ``eval_gain != 1`` appends ``Gain(eval_gain)`` to its evaluation transform.
+
+    The brief's evaluation transform is resize and /255 only, but its training noise multiplies
+    every value by 1.35 on average, so a network sees brighter images in training than in
+    evaluation; ``eval_gain=NOISE_MEAN`` removes that shift (README, "Train/test brightness").
+    """
     if name not in TOOLCHAINS:
         raise ValueError(f"unknown toolchain {name!r}; choose one of {sorted(TOOLCHAINS)}")
-    return TOOLCHAINS[name]()
+    chain = TOOLCHAINS[name]()
+    if eval_gain == 1.0:
+        return chain
+    return dataclasses.replace(chain, eval=T.Compose([*chain.eval.transforms, Gain(eval_gain)]))
 

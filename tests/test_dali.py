@@ -21,7 +21,9 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from torch.utils.data import SubsetRandomSampler  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
+import pipelines.dali as dali  # noqa: E402
 from pipelines.dali import DaliLoader, ImageDecodeError, rotate_ccw  # noqa: E402
+from pipelines.decoded_cache import DecodedCache  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FULLRES = DATA / "chest_xray_fullres"
@@ -37,6 +39,7 @@ def index_value(i: int) -> int:
 
 
 def write_jpeg(path: Path, pixels: np.ndarray) -> str:
+    """A JPEG of an H x W x 3 (RGB) or H x W (grayscale, one component) uint8 array."""
     Image.fromarray(pixels).save(path, quality=95)
     return str(path)
 
@@ -51,7 +54,8 @@ def bar_image() -> np.ndarray:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A tiny folder of synthetic JPEGs: constant files numbered by grey level (not square,
-    so resizing changes the aspect ratio), a bar image, a white image and corrupt files."""
+    so resizing changes the aspect ratio), a bar image, white RGB and grayscale images and
+    corrupt files."""
     root = tmp_path_factory.mktemp("jpegs")
     index_files = [
         write_jpeg(root / f"index_{i:02d}.jpeg", np.full((48, 64, 3), index_value(i), np.uint8))
@@ -69,6 +73,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "index": index_files,
         "bar": write_jpeg(root / "bar.jpeg", bar_image()),
         "white": write_jpeg(root / "white.jpeg", np.full((SIZE, SIZE, 3), 200, np.uint8)),
+        "white_gray": write_jpeg(root / "white_gray.jpeg", np.full((SIZE, SIZE), 200, np.uint8)),
         "corrupt": {name: str(root / f"{name}.jpeg") for name in corrupt},
     }
 
@@ -107,13 +112,13 @@ def pil_reference(path: str) -> torch.Tensor:
 
 def bar_geometry(image: torch.Tensor) -> tuple[bool, float]:
     """(flipped, angle in degrees, counter-clockwise positive) of the bar in a CHW image,
-    from the centroid and the principal axis of its bright pixels."""
-    mask = image.mean(0) > 0.5
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    x = xs.double() - xs.double().mean()
-    y = -(ys.double() - ys.double().mean())  # y up, so positive angles turn counter-clockwise
+    from the centroid and the principal axis of its bright pixels. In numpy: torch's thread
+    pool makes these many small steps ten times slower when the cores are busy."""
+    ys, xs = np.nonzero(image.numpy().mean(0) > 0.5)
+    x = xs - xs.mean()
+    y = -(ys - ys.mean())  # y up, so positive angles turn counter-clockwise
     angle = 0.5 * math.atan2(2 * float((x * y).sum()), float((x * x).sum() - (y * y).sum()))
-    return bool(xs.double().mean() > SIZE / 2), math.degrees(angle)
+    return bool(xs.mean() > SIZE / 2), math.degrees(angle)
 
 
 # ----- shapes, values, order -------------------------------------------------------------
@@ -159,6 +164,23 @@ def test_break_mid_epoch_then_full_epoch(images):
     _, y, sizes = collect(loader)
     assert sizes == [16, 16, 5]
     assert y.tolist() == list(range(N_INDEX_FILES))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_eval_gain_scales_evaluation_images_only(images, augment):
+    def epoch(gain: float) -> torch.Tensor:
+        loader = index_loader(images["index"][:5], range(5), augment=augment, seed=1,
+                              eval_gain=gain)
+        return collect(loader)[0]
+
+    plain, gained = epoch(1.0), epoch(1.35)
+    if augment:
+        assert torch.equal(gained, plain)
+    else:
+        assert torch.allclose(gained, plain * 1.35, rtol=1e-6, atol=0)
+        assert not torch.equal(gained, plain)
+    with pytest.raises(ValueError, match="eval_gain"):
+        epoch(0.0)
 
 
 def test_mismatched_labels_rejected(images):
@@ -210,12 +232,16 @@ def test_rotate_positive_angle_is_counter_clockwise_like_torchvision():
         assert (dali - opposite).abs().max() > 0.5
 
 
-def test_flip_rate_and_angle_spread(images):
+@pytest.mark.parametrize("cached", [False, True])
+def test_flip_rate_and_angle_spread(images, cached):
     """256 draws of the bar image: flips per sample with rate 1/2 (Binomial sd 8, tolerance
     +-26), angles uniform in [-20, 20] (four 10-degree bins expecting 64, sd 6.9, each
-    within [40, 88]; the extremes reached within 2 degrees)."""
+    within [40, 88]; the extremes reached within 2 degrees); also from a decoded cache."""
     n = 256
-    loader = DaliLoader([images["bar"]], [1], [0] * n, batch_size=32, augment=True, seed=7)
+    cache = DecodedCache([images["bar"]]) if cached else None
+    loader = DaliLoader(
+        [images["bar"]], [1], [0] * n, batch_size=32, augment=True, seed=7, cache=cache
+    )
     x, y, _ = collect(loader)
     assert y.tolist() == [1] * n
     geometry = [bar_geometry(image) for image in x]
@@ -231,13 +257,21 @@ def test_flip_rate_and_angle_spread(images):
     assert abs(angles.mean()) < 2.5
 
 
-def test_noise_per_value_in_range_and_rotation_fills_corners_with_zero(images):
+@pytest.mark.parametrize(
+    "kind, cached", [("white", False), ("white_gray", False), ("white_gray", True)]
+)
+def test_noise_per_value_in_range_and_rotation_fills_corners_with_zero(images, kind, cached):
     """Constant image v: inside the circle that every rotation keeps, out / v is the noise
-    (uniform in [1.2, 1.5]: mean 1.35, sd 0.087, over ~1.5M values); the corners, outside
-    the picture after any rotation of more than about 1 degree, are 0."""
-    white = images["white"]
+    (uniform in [1.2, 1.5]: mean 1.35, sd 0.087, over ~1.5M values), independent across
+    channels also for a grayscale file (processed as one plane until the noise), and from
+    a decoded cache; the corners, outside the picture after any rotation of more than
+    about 1 degree, are 0."""
+    white = images[kind]
     (v,) = collect(DaliLoader([white], [0], [0], augment=False))[0].unique().tolist()
-    x, _, _ = collect(DaliLoader([white], [0], [0] * 32, batch_size=16, augment=True, seed=2))
+    cache = DecodedCache([white]) if cached else None
+    x, _, _ = collect(
+        DaliLoader([white], [0], [0] * 32, batch_size=16, augment=True, seed=2, cache=cache)
+    )
     assert x.shape == (32, 3, SIZE, SIZE)
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     inside = (yy - (SIZE - 1) / 2) ** 2 + (xx - (SIZE - 1) / 2) ** 2 < 100**2
@@ -246,6 +280,7 @@ def test_noise_per_value_in_range_and_rotation_fills_corners_with_zero(images):
     assert abs(ratio.mean().item() - 1.35) < 0.005
     assert abs(ratio.std().item() - 0.3 / math.sqrt(12)) < 0.005
     assert (ratio[:, 0] != ratio[:, 1]).float().mean() > 0.99
+    assert (ratio[:, 1] != ratio[:, 2]).float().mean() > 0.99
     corners = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners == 0).all(dim=(1, 2)).float().mean() >= 0.75
 
@@ -289,6 +324,33 @@ def test_real_files_train_range():
     assert x.shape == (len(files), 3, SIZE, SIZE)
     assert x.min() >= 0 and x.max() <= 1.5 + 1e-6
     assert x.max() > 1.0  # the noise multiplies by at least 1.2
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_grayscale_files_as_one_plane_give_the_rgb_decodes_output_exactly(monkeypatch, augment):
+    """Grayscale files go through decode, resize, flip and rotation as one plane; decoding
+    them to RGB instead (every file's gray flag cleared) must give the same batches bit for
+    bit, with the same seed (the random draws do not depend on the flags)."""
+    files = real_files()
+    order = list(range(len(files))) * 2
+
+    def epoch() -> torch.Tensor:
+        loader = DaliLoader(files, [0] * len(files), order, batch_size=5, augment=augment, seed=4)
+        return collect(loader)[0]
+
+    one_plane = epoch()
+    monkeypatch.setattr(dali, "is_gray_jpeg", lambda encoded: np.array(False))
+    assert torch.equal(epoch(), one_plane)
+
+
+def test_gray_flag_set_only_for_one_component_jpegs(images):
+    """White RGB and grayscale files, plus files whose header cannot be read (text, empty)
+    or is RGB (truncated): only the grayscale JPEG is decoded as one plane."""
+    def flag(path: str) -> bool:
+        return bool(dali.is_gray_jpeg(dali.read_encoded(path)))
+
+    assert flag(images["white_gray"])
+    assert not any(flag(p) for p in [images["white"], *images["corrupt"].values()])
 
 
 # ----- bad input -------------------------------------------------------------------------

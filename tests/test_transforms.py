@@ -138,3 +138,16 @@ def test_noise_rejects_bad_bounds():
 def test_unknown_toolchain():
     with pytest.raises(ValueError, match="nope"):
         get_toolchain("nope")
+
+
+def test_eval_gain_scales_only_the_evaluation_transform():
+    path = real_files(FULLRES, n=1)[0]
+    plain, gained = get_toolchain("cv2"), get_toolchain("cv2", eval_gain=transforms.NOISE_MEAN)
+    x = plain.eval(plain.loader(path))
+    assert torch.allclose(gained.eval(gained.loader(path)), x * 1.35, atol=1e-6)
+    torch.manual_seed(0)
+    a = plain.train(plain.loader(path))
+    torch.manual_seed(0)
+    assert torch.equal(gained.train(gained.loader(path)), a)
+    with pytest.raises(ValueError):
+        get_toolchain(eval_gain=0)

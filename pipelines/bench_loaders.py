@@ -67,11 +67,12 @@ def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeat
                 rows.append({"data": ds_name, "loader": name, "batch": batch_size, "workers": workers,
                              "images": len(order), "images_per_s": ips, "x_plain": ips / baseline})
                 logger.info("%s, %s, batch %d: %.1f img/s", ds_name, name, batch_size, ips)
-            rows += cached_rows(files, batch_size, repeats, workers, baseline)
+            rows += cached_rows(ds_name, files, batch_size, repeats, workers, baseline)
     return rows
 
 
-def cached_rows(files: list[str], batch_size: int, repeats: int, workers: int, baseline: float) -> list[dict]:
+def cached_rows(ds_name: str, files: list[str], batch_size: int, repeats: int, workers: int,
+                baseline: float) -> list[dict]:
     """The decoded-cache loaders (DALI CPU and our chain over the same cache), with x_plain."""
     try:
         from .decoded_cache import bench_cached_loaders
@@ -80,5 +81,5 @@ def cached_rows(files: list[str], batch_size: int, repeats: int, workers: int, b
     rows = [r for r in bench_cached_loaders(files, [batch_size], repeats, workers) if "cached" in r["loader"]
             or r["loader"].startswith("cache fill")]
     for r in rows:
-        r["x_plain"] = r["images_per_s"] / baseline
+        r["data"], r["x_plain"] = ds_name, r["images_per_s"] / baseline
     return rows

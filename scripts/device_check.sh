@@ -33,7 +33,7 @@ step() {  # name, seconds, command...
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log" | grep -E '^\||img/s|error|Error' | tail -n 25 >> "$OUT/summary.txt"
+  tail -n 40 "$OUT/$name.log" | grep -E '^[|]|img/s|[Ee]rror' | tail -n 25 >> "$OUT/summary.txt"
   echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
 }
 

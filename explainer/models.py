@@ -1,0 +1,252 @@
+"""The models LIME explains here, their input transforms, and the adapter that turns a torch
+model into a ``predict_fn`` (N x H x W x 3 images -> N x C probabilities).
+
+inception_v3 sees 299 x 299 images normalised with the ImageNet mean and std; VGG16DWSep sees
+224 x 224 images scaled to [0, 1] with no normalisation (``pipelines.transforms``' evaluation
+transform).  The explainer works on one 299 x 299 image in [0, 1] for both; the adapter resizes
+and normalises each batch for its model, on the model's device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from models.engine import train_one_epoch
+from models.h5io import load_modelo_h5, save_modelo_h5
+from models.vgg16dwsep import VGG16DWSep
+from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
+from pipelines.synthetic import make_synthetic_dataset
+from pipelines.transforms import get_toolchain
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPLAIN_SIZE = 299
+"""Side of the image the explainer segments and perturbs (inception_v3's input)."""
+INCEPTION_WEIGHTS = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+RANDOM_NOTE = "RANDOM WEIGHTS (untrained): the explanation shows the mechanics only"
+
+
+def inception_transform() -> T.Compose:
+    """inception_v3's input transform: resize the shorter side to 299, centre-crop 299 x 299, to
+    a [0, 1] tensor, normalise with the ImageNet mean and std."""
+    return T.Compose([T.Resize(EXPLAIN_SIZE), T.CenterCrop(EXPLAIN_SIZE), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+def explanation_image(path: str | os.PathLike[str], crop: bool = True, size: int = EXPLAIN_SIZE) -> np.ndarray:
+    """The image LIME explains: float32 size x size x 3 in [0, 1].
+
+    ``crop=True`` is inception_v3's transform before normalisation (resize the shorter side,
+    centre crop); ``crop=False`` squashes to size x size without keeping the aspect ratio, as the
+    VGG16DWSep training transform does.
+    """
+    steps = [T.Resize(size), T.CenterCrop(size)] if crop else [T.Resize((size, size))]
+    tensor = T.Compose([*steps, T.ToTensor()])(load_rgb(path))
+    return tensor.permute(1, 2, 0).numpy().copy()
+
+
+class TorchPredictor:
+    """``predict_fn`` for a torch classifier: N x H x W x 3 images in [0, 1] (numpy, or a tensor on
+    ``device``) -> N x C softmax probabilities (numpy float32).
+
+    Each call is one forward pass in eval mode under ``torch.inference_mode()``; the images are
+    resized to ``input_size`` when they differ and normalised with ``mean``/``std`` when given.
+    On CUDA the model runs in bfloat16 autocast with channels-last tensors.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str, input_size: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=memory_format)
+        self.input_size = input_size
+        self.mean = None if mean is None else torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = None if std is None else torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """N x 3 x input_size x input_size float32 on the device (channels-last on CUDA)."""
+        x = torch.as_tensor(images, device=self.device)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected N x H x W x 3 images, got shape {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2).to(torch.float32)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            logits = self.model(self.model_input(images))
+        return logits.float().softmax(dim=1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier ready to explain: its predictor, class names and where its weights come from."""
+
+    name: str
+    predictor: TorchPredictor
+    class_names: list[str]
+    weights_note: str
+    crop: bool
+    """Whether the explanation image is centre-cropped (inception) or squashed (VGG16DWSep)."""
+
+    @property
+    def random(self) -> bool:
+        return self.weights_note == RANDOM_NOTE
+
+
+def seeded_init(build, seed: int) -> nn.Module:
+    """``build()`` with torch's global generator seeded by ``seed`` and restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def inception_hub_file() -> Path:
+    name = os.path.basename(urllib.parse.urlparse(INCEPTION_WEIGHTS.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def inception_state_dict(path: str | os.PathLike[str] | None) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet inception_v3 weights from ``path``, else from torch hub's cache
+    (downloaded there when online).  FileNotFoundError saying how to get them otherwise."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"inception_v3 weights not found: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    cached = inception_hub_file()
+    try:
+        return INCEPTION_WEIGHTS.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+        raise FileNotFoundError(
+            f"ImageNet inception_v3 weights not in torch hub's cache ({cached}) and not downloadable "
+            f"({error}); on a machine with internet download {INCEPTION_WEIGHTS.url} to {cached}, or pass "
+            f"--weights PATH, or --random-weights to run offline without them") from error
+
+
+def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
+                      seed: int = 0) -> LoadedModel:
+    """torchvision's inception_v3 with ImageNet weights (``weights`` file or the hub cache), or
+    with seeded random weights.  ``transform_input=True`` as torchvision sets for its ImageNet
+    weights: they expect Google's [-1, 1] scaling, which it derives from the ImageNet-normalised input."""
+    def build() -> nn.Module:
+        return torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                               init_weights=random_weights)
+
+    if random_weights:
+        model, note = seeded_init(build, seed), RANDOM_NOTE
+        logger.warning("!! inception_v3 with %s !!", RANDOM_NOTE)
+    else:
+        state = inception_state_dict(weights)
+        model = build()
+        model.load_state_dict(state)
+        note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
+    predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    return LoadedModel("inception_v3", predictor, list(INCEPTION_WEIGHTS.meta["categories"]), note, crop=True)
+
+
+@dataclass(frozen=True)
+class BriefTraining:
+    """A handful of VGG16DWSep training steps on a tiny synthetic set: a stand-in when no
+    modelo.h5 exists, labelled as such.  Measured here: after 12 steps (or 30) from random
+    initialisation the outputs barely vary between images, so every perturbation keeps the class
+    and the explanation falls back to near-zero probability slopes; pass a trained modelo.h5 for
+    a meaningful one."""
+
+    steps: int = 12
+    batch_size: int = 8
+    images_per_class: int = 16
+    lr: float = 1e-4
+    seed: int = 0
+
+
+def synthetic_tensors(root: Path, images_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic train split under ``root`` as (N x 3 x 224 x 224 in [0, 1], N labels), read
+    with the project's evaluation transform."""
+    make_synthetic_dataset(root, n_train=(images_per_class, images_per_class), n_test=(0, 0), seed=seed,
+                           min_size=256, max_size=320)
+    chain = get_toolchain()
+    images, labels = [], []
+    for label, class_name in enumerate(SYNTHETIC_CLASSES):
+        for path in sorted((root / "train" / class_name).glob("*.jpeg")):
+            images.append(chain.eval(chain.loader(str(path))))
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def train_briefly_on_synthetic(settings: BriefTraining = BriefTraining(), device: torch.device | str = "cpu",
+                               progress: bool = False) -> tuple[VGG16DWSep, dict[str, float]]:
+    """A VGG16DWSep (random init, seeded) trained for ``settings.steps`` Adam steps on random
+    batches of a tiny synthetic set; returns the model in eval mode and the training stats."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    with tempfile.TemporaryDirectory(prefix="synthetic-") as folder:
+        images, labels = synthetic_tensors(Path(folder), settings.images_per_class, settings.seed)
+    model = seeded_init(VGG16DWSep, settings.seed).to(device)
+    batches = [(images[rows].to(device), labels[rows].to(device))
+               for rows in (torch.randint(len(labels), (settings.batch_size,), generator=generator)
+                            for _ in range(settings.steps))]
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # dropout
+        stats = train_one_epoch(model, batches, optimizer, device, epoch=0, progress=progress)
+    logger.info("VGG16DWSep briefly trained on synthetic data: %d steps of %d images, loss %.3f, accuracy %.2f",
+                settings.steps, settings.batch_size, stats["loss"], stats["accuracy"])
+    return model.eval(), stats
+
+
+def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
+                    seed: int = 0, training: BriefTraining = BriefTraining(),
+                    save_to: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """VGG16DWSep from a ``modelo.h5``; with neither weights nor ``random_weights``, a model
+    briefly trained on synthetic data (``train_briefly_on_synthetic``), written to ``save_to``
+    as a modelo.h5 when given so that a later run can pass it as ``weights``."""
+    class_names = list(SYNTHETIC_CLASSES)
+    if weights is not None:
+        model, meta = load_modelo_h5(weights, device)
+        class_names, note = list(meta["class_names"]), f"modelo.h5 at {weights}"
+    elif random_weights:
+        model, note = seeded_init(VGG16DWSep, seed), RANDOM_NOTE
+        logger.warning("!! VGG16DWSep with %s !!", RANDOM_NOTE)
+    else:
+        logger.warning("no --weights: training VGG16DWSep briefly on synthetic data (%d steps)", training.steps)
+        model, stats = train_briefly_on_synthetic(training, device, progress=True)
+        note = f"briefly trained on synthetic data ({training.steps} steps, NOT a real model)"
+        if save_to is not None:
+            save_modelo_h5(save_to, model, class_names=class_names,
+                           metadata={"note": note, "training": asdict(training), "stats": stats})
+            logger.info("wrote %s (pass it as --weights to skip the training)", save_to)
+    predictor = TorchPredictor(model, device, model.input_size)
+    return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False)

@@ -1,0 +1,58 @@
+"""tarea2.ipynb runs end to end, headless, in fast mode (real data subset when ../shared/data is
+there, else a synthetic set), and no cell raises."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "tarea2.ipynb"
+TIMEOUT_S = 600  # per cell; the whole test takes 1.6 min (quiet) to 3.6 min (load ~3) on the shared 2-core CPU
+
+
+def this_python_kernel(folder: Path) -> KernelManager:
+    """A kernel manager that starts ipykernel with this interpreter (the venv's), from a kernel spec
+    written under ``folder``: the user's and the system's Jupyter kernel specs are never consulted."""
+    write_kernel_spec(folder / "python3")
+    specs = KernelSpecManager(kernel_dirs=[str(folder)], ensure_native_kernel=False)
+    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def error_outputs(notebook) -> list[str]:
+    return [f"cell {i}: {output.get('ename')}: {output.get('evalue')}"
+            for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+            for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+
+
+def stdout_lines(notebook, marker: str) -> list[str]:
+    return [line for cell in notebook.cells for output in cell.get("outputs", []) if output.get("name") == "stdout"
+            for line in output.get("text", "").splitlines() if line.startswith(marker)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_notebook_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setenv("TAREA2_FAST", "1")
+    monkeypatch.setenv("TAREA2_OUT", str(out))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    km = this_python_kernel(tmp_path / "kernels")
+    client = nbclient.NotebookClient(notebook, km=km, timeout=TIMEOUT_S, resources={"metadata": {"path": str(ROOT)}})
+    try:
+        client.execute()  # raises CellExecutionError on the first failing cell
+        assert error_outputs(notebook) == []
+        assert stdout_lines(notebook, "python: ") == [f"python: {sys.executable}"]  # the venv's kernel ran it
+        assert stdout_lines(notebook, "FAST=")[0].startswith("FAST=True")
+        assert (out / "entrenamiento" / "metrics.json").is_file()
+        for model in ("lime_inception_v3", "lime_vgg16dwsep"):
+            assert (out / model / "explanation.json").is_file()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the checkpoint alone is 1.25 GB

@@ -58,28 +58,28 @@ def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeat
     rows = []
     for ds_name, files in datasets.items():
         order = repeated_sampler(len(files), repeats)
+        baselines: dict[int, float] = {}
         for batch_size in batch_sizes:
-            baseline = None
             for name, factory in loader_factories(workers).items():
                 ips = loader_images_per_s(factory(files, order, batch_size))
-                if baseline is None:
-                    baseline = ips
+                baselines.setdefault(batch_size, ips)
                 rows.append({"data": ds_name, "loader": name, "batch": batch_size, "workers": workers,
-                             "images": len(order), "images_per_s": ips, "x_plain": ips / baseline})
+                             "images": len(order), "images_per_s": ips, "x_plain": ips / baselines[batch_size]})
                 logger.info("%s, %s, batch %d: %.1f img/s", ds_name, name, batch_size, ips)
-            rows += cached_rows(ds_name, files, batch_size, repeats, workers, baseline)
+        rows += cached_rows(ds_name, files, batch_sizes, repeats, workers, baselines)
     return rows
 
 
-def cached_rows(ds_name: str, files: list[str], batch_size: int, repeats: int, workers: int,
-                baseline: float) -> list[dict]:
-    """The decoded-cache loaders (DALI CPU and our chain over the same cache), with x_plain."""
+def cached_rows(ds_name: str, files: list[str], batch_sizes: list[int], repeats: int, workers: int,
+                baselines: dict[int, float]) -> list[dict]:
+    """The decoded-cache loaders (DALI CPU and our chain over one cache, filled once), with x_plain."""
     try:
         from .decoded_cache import bench_cached_loaders
     except ImportError:
         return []
-    rows = [r for r in bench_cached_loaders(files, [batch_size], repeats, workers) if "cached" in r["loader"]
-            or r["loader"].startswith("cache fill")]
+    rows = bench_cached_loaders(files, batch_sizes, repeats, workers, include_uncached=False)
     for r in rows:
-        r["data"], r["x_plain"] = ds_name, r["images_per_s"] / baseline
+        r["data"] = ds_name
+        if r["batch"] in baselines:
+            r["x_plain"] = r["images_per_s"] / baselines[r["batch"]]
     return rows

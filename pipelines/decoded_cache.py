@@ -191,11 +191,12 @@ def data_name(files: Sequence[str]) -> str:
 
 
 def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
-                         workers: int) -> list[dict]:
+                         workers: int, include_uncached: bool = True) -> list[dict]:
     """Images per second, training augmentation, `files` repeated `repeats` times in order:
     DALI on the CPU uncached and cached, and our torchvision chain over the same cache
     (`workers` DALI threads, at least 1, or DataLoader workers). The cache is filled once,
-    beforehand, with as many DALI threads; its fill rate is the first row ("cache fill")."""
+    beforehand, with as many DALI threads; its fill rate is the first row ("cache fill").
+    ``include_uncached=False`` leaves out uncached DALI CPU (for callers that measured it already)."""
     from .bench import loader_images_per_s, repeated_sampler
     from .dali import DaliLoader
     from .loaders import TorchvisionLoader
@@ -221,6 +222,8 @@ def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
         "torchvision ours (cv2) cached": lambda b: TorchvisionLoader(
             dataset, order, batch_size=b, num_workers=workers),
     }
+    if not include_uncached:
+        del factories["DALI CPU"]
     for batch_size in batch_sizes:
         for loader_name, factory in factories.items():
             ips = loader_images_per_s(factory(batch_size))

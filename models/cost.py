@@ -10,12 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.vgg16dwsep import VGG16DWSep, count_parameters, parameter_table, trainable_parameters
-
-
-def conv_parameters(model: nn.Module) -> int:
-    """Parameters in the feature extractor (every convolution and BatchNorm)."""
-    return count_parameters(model.features)
+from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, parameter_table,
+                               trainable_parameters)
 
 
 def multiply_adds(model: nn.Module, input_size: int = 224) -> int:
@@ -52,18 +48,13 @@ def parameter_summary(input_size: int = 224) -> list[dict[str, object]]:
         rows.append({
             "variant": "VGG16DWSep (separable)" if separable else "same with Conv2d",
             "parameters": count_parameters(model),
-            "features": conv_parameters(model),
+            "features": count_parameters(model.features),
             "classifier": count_parameters(model.classifier),
             "largest layer": f"{largest['name']} ({largest['type']}, {largest['parameters']:,})",
             "GMACs per image": macs / 1e9,
             "share of MACs in the two frozen convs": multiply_adds(model.features[:4], input_size) / macs,
         })
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -94,11 +85,11 @@ def step_times(separable: bool, device: torch.device, batch_size: int = 16, inpu
     model = VGG16DWSep(input_size=input_size, separable=separable).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    for p in list(model.features.parameters())[:4]:  # the two frozen ImageNet convolutions
-        p.requires_grad_(False)
+    freeze_first_convs(model)  # as in training: the two ImageNet convolutions take no gradient
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4, weight_decay=1e-5)
     x = torch.rand(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 2, (batch_size,), device=device)
+
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
@@ -117,6 +108,5 @@ def step_times(separable: bool, device: torch.device, batch_size: int = 16, inpu
     train_s = time_call(train_step, device, warmup, repeats)
     model.eval()
     infer_s = time_call(infer, device, warmup, repeats)
-    _sync(device)
     return {"train_step_s": train_s, "inference_s": infer_s,
             "train_images_per_s": batch_size / train_s, "inference_images_per_s": batch_size / infer_s}

@@ -23,7 +23,7 @@ from models.early_stopping import EarlyStopping
 from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, predict,
                            tta_labels, tta_predict, train_one_epoch)
 from models.h5io import load_modelo_h5, save_modelo_h5
-from models.vgg16dwsep import (VGG16DWSep, count_parameters, imagenet_vgg16_state_dict,
+from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
@@ -85,8 +85,7 @@ def build_model(settings, device: torch.device) -> VGG16DWSep:
     else:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
-        for p in list(model.features[0].parameters()) + list(model.features[2].parameters()):
-            p.requires_grad_(False)
+        freeze_first_convs(model)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return model.to(device, memory_format=fmt)
 

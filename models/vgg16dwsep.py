@@ -144,8 +144,15 @@ def load_vgg16_first_convs(model: nn.Module, state_dict: dict[str, torch.Tensor]
     with torch.no_grad():
         for key in PRETRAINED_CONV_KEYS:
             parameters[key].copy_(state_dict[key])
-            parameters[key].requires_grad_(False)
+    freeze_first_convs(model)
     logger.info("loaded and froze ImageNet VGG16 %s", ", ".join(PRETRAINED_CONV_KEYS))
+
+
+def freeze_first_convs(model: nn.Module) -> None:
+    """Stop the gradient of the two convolutions that come from ImageNet VGG16 (features.0, features.2)."""
+    parameters = dict(model.named_parameters())
+    for key in PRETRAINED_CONV_KEYS:
+        parameters[key].requires_grad_(False)
 
 
 def _missing_weights_message(url: str, cached_file: Path) -> str:

@@ -88,14 +88,14 @@ def time_chain(name: str, files: list[str], repeats: int, seed: int = 0) -> tupl
     return {k: 1000 * v / n for k, v in totals.items()}, 1000 * whole / n
 
 
-def eval_output(name: str, path: str) -> torch.Tensor:
-    chain = get_toolchain(name)
+def eval_output(chain, path: str) -> torch.Tensor:
     return chain.eval(chain.loader(path))
 
 
 def parity(name: str, files: list[str]) -> tuple[float, float]:
     """Mean and 99th percentile |difference| of ``name``'s evaluation output against plain's."""
-    diffs = [torch.abs(eval_output(name, f) - eval_output("plain", f)).flatten() for f in files]
+    chain, plain = get_toolchain(name), get_toolchain("plain")
+    diffs = [torch.abs(eval_output(chain, f) - eval_output(plain, f)).flatten() for f in files]
     d = torch.cat(diffs)
     return float(d.mean()), float(torch.quantile(d[:: max(1, d.numel() // 5_000_000)], 0.99))
 

@@ -104,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument("--vgg16-weights", metavar="PATH",
                        help="torchvision VGG16 state dict to take the first two convolutions from "
                             "(default: torch hub's cache, as torchvision.models.vgg16 does)")
-    train.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
+    train.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast (default: bf16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--out", default="out", help="folder for checkpoint, log and figures (default: %(default)s)")
     train.add_argument("--weights-out", default="modelo.h5", help="where the best weights go (default: %(default)s)")
@@ -208,10 +208,12 @@ def count_params(settings: Settings) -> int:
               f"| {r['GMACs per image']:.2f} | {100 * r['share of MACs in the two frozen convs']:.0f}% |")
     print(f"\nstep times on {device}, batch {settings.batch_size}, 224 x 224 (median of 3 after 1 warm-up)")
     print("| variant | precision | train step s | train img/s | inference s | inference img/s |\n|---|---|---|---|---|---|")
-    precisions = [("fp32", None, False)]
-    if device.type == "cuda":
-        import torch
+    import torch
 
+    from models.training import bf16_native
+
+    precisions = [("fp32", None, False), ("fp32 + channels-last", None, True)]
+    if bf16_native(device):
         precisions.append(("bf16 + channels-last", torch.bfloat16, True))
     for separable in (True, False):
         for label, dtype, cl in precisions:

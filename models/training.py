@@ -72,10 +72,32 @@ def evaluate_all(model: torch.nn.Module, loader, device: torch.device, total: in
     return classification_metrics(labels, probs) | {"loss": loss}
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: CUDA, or a CPU with AVX512-BF16/AMX
+    (oneDNN's check). Elsewhere bf16 autocast on the CPU is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def precision_options(device: torch.device, use_amp: bool) -> dict[str, Any]:
-    """bf16 autocast and channels-last on CUDA; plain fp32 on the CPU."""
-    cuda = device.type == "cuda"
-    return {"amp_dtype": torch.bfloat16 if cuda and use_amp else None, "channels_last": cuda}
+    """Channels-last always (oneDNN and cuDNN both run these convolutions faster in NHWC); bf16
+    autocast when ``use_amp`` and the device does bf16 natively (see ``bf16_native``).
+
+    Measured on this 2-core AVX512-BF16 CPU, VGG16DWSep, batch 16, one training step: fp32 NCHW
+    2.66 s, channels-last 1.64 s, channels-last + bf16 1.13 s (2.4x); inference 0.85 -> 0.34 s.
+    """
+    return {"amp_dtype": torch.bfloat16 if use_amp and bf16_native(device) else None, "channels_last": True}
+
+
+def precision_label(opts: dict[str, Any]) -> str:
+    return ("bf16 autocast" if opts["amp_dtype"] is not None else "fp32") + (
+        " + channels-last" if opts["channels_last"] else "")
 
 
 def build_model(settings, device: torch.device) -> VGG16DWSep:
@@ -86,8 +108,7 @@ def build_model(settings, device: torch.device) -> VGG16DWSep:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
         freeze_first_convs(model)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return model.to(device, memory_format=fmt)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def rng_state() -> dict[str, Any]:
@@ -214,6 +235,8 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opts = precision_options(device, settings.amp)
+    precision = precision_label(opts)
+    logger.info("precision: %s", precision)
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
@@ -244,7 +267,7 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches)
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
-               "synthetic_data": settings.demo, "world_size": world_size}
+               "synthetic_data": settings.demo, "world_size": world_size, "precision": precision}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

@@ -64,6 +64,18 @@ def test_round_trip_keeps_every_tensor_and_the_outputs(trained_model: VGG16DWSep
     assert (attributes["num_classes"], attributes["input_size"], attributes["separable"]) == (2, SMALL, True)
 
 
+def test_a_channels_last_model_round_trips_exactly(trained_model: VGG16DWSep, tmp_path: Path) -> None:
+    """Training keeps the model channels-last: its 4-D weights are NHWC-strided views, and the
+    file must hold them in the logical (out, in, kh, kw) order, not in memory order."""
+    nhwc = VGG16DWSep(input_size=SMALL)
+    nhwc.load_state_dict(trained_model.state_dict())
+    nhwc = nhwc.to(memory_format=torch.channels_last).eval()
+    assert not nhwc.features[0].weight.is_contiguous()
+    loaded, _ = load_modelo_h5(save_modelo_h5(tmp_path / "m.h5", nhwc, class_names=CLASS_NAMES, metadata={}))
+    for key, value in trained_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_metadata_reads_the_attributes_only(saved: Path) -> None:
     attributes = read_modelo_metadata(saved)
     assert attributes == load_modelo_h5(saved)[1]

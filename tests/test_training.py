@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.h5io import load_modelo_h5, read_modelo_metadata
-from models.training import train
+from models.training import bf16_native, precision_label, precision_options, train
 from pipelines.synthetic import make_synthetic_dataset
 from train import Settings, main
 
@@ -62,6 +62,21 @@ def test_frozen_first_convolutions_do_not_move(small_set, tmp_path):
     assert torch.equal(ckpt["model"]["features.0.weight"], init["features.0.weight"])
     assert torch.equal(ckpt["model"]["features.2.bias"], init["features.2.bias"])
     assert not torch.equal(ckpt["model"]["classifier.1.weight"], init["classifier.1.weight"])
+
+
+def test_precision_is_channels_last_and_bf16_only_where_native():
+    cpu = torch.device("cpu")
+    assert precision_options(cpu, use_amp=False) == {"amp_dtype": None, "channels_last": True}
+    expected = torch.bfloat16 if bf16_native(cpu) else None
+    assert precision_options(cpu, use_amp=True)["amp_dtype"] == expected
+    assert precision_label(precision_options(cpu, use_amp=False)) == "fp32 + channels-last"
+    assert bf16_native(torch.device("cuda")) and not bf16_native(torch.device("meta"))
+
+
+def test_summary_records_the_precision_used(small_set, tmp_path):
+    summary = train(settings_for(small_set, tmp_path, epochs=1, tta=(), amp=False), torch.device("cpu"))
+    assert summary["precision"] == "fp32 + channels-last"
+    assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32 + channels-last"
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:

@@ -385,6 +385,49 @@ def test_missing_file_raises_file_not_found_naming_it(images, tmp_path):
 
 
 @pytest.mark.gpu
+def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
+    """The loader's GPU graph, traced in Python without a GPU: the ops (name, device, inputs'
+    devices) and the output node. Building it would need CUDA; tracing it does not.
+    ``Pipeline._build_graph`` is DALI 2.4's private step between the definition and the
+    backend (pinned version; if DALI renames it this test fails, it does not skip)."""
+    feeds = [dali.DECODED] if cached else [dali.ENCODED, dali.GRAY_FLAG]
+    pipe = dali.fed_pipeline(
+        dali._EpochSource(lambda indices: ()), feeds,
+        lambda fed: dali.loader_graph(fed, cached=cached, augment=augment, device="gpu", size=SIZE),
+        batch_size=4, num_threads=1, device_id=0, seed=0,
+    )
+    pipe._build_graph()
+    ops = [(getattr(op._op, "schema_name", type(op._op).__name__), op._op.device, [i.device for i in op.inputs]) for op in pipe._ops]
+    return ops, pipe._graph_out[0]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("augment", [False, True])
+def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augment):
+    """The GPU graph cannot run in CI, but its Python side (conditional split/merge around the
+    mixed decoders, GPU noise, cache fed through .gpu()) is traced here, and each op must exist
+    in DALI's registry for the device it was placed on."""
+    from nvidia.dali.ops import _registry
+
+    registered = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()),
+                  "mixed": set(_registry.mixed_ops())}
+    ops, output = traced_gpu_graph(cached, augment)
+    assert output.device == "gpu"
+    for name, device, _inputs in ops:
+        assert name in registered[device] or f"_{name}" in registered[device], (name, device)
+    devices = {name: device for name, device, _ in ops}
+    if cached:
+        assert "decoders__Image" not in devices
+    else:
+        assert [d for n, d, _ in ops if n == "decoders__Image"] == ["mixed", "mixed"]  # gray, RGB
+        assert devices["_conditional__Merge"] == "gpu" and devices["Resize"] == "gpu"
+    expected_gpu = {"Transpose"} | ({"Flip", "Rotate", "random__Uniform"} if augment else set())
+    assert all(devices[name] == "gpu" for name in expected_gpu), devices
+    if augment:  # the random arguments of flip and rotate stay on the CPU, as DALI requires
+        assert devices["random__CoinFlip"] == "cpu"
+        assert sorted(d for n, d, _ in ops if n == "random__Uniform") == ["cpu", "gpu"]  # angle, noise
+
+
 @requires_cuda
 @pytest.mark.parametrize("augment", [False, True])
 def test_gpu_outputs_on_device_with_partial_batch(images, augment):

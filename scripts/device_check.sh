@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
-#   1. parameters and step times of both variants, fp32 and bf16 + channels-last (train.py --count-params)
+#   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
 #   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
 #   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).

@@ -128,15 +128,20 @@ def decode_only_ms(files: list[str], name: str = DEFAULT_TOOLCHAIN) -> float:
 
 
 def loader_images_per_s(loader, epochs: int = 1) -> float:
-    """Images per second over whole epochs of a loader (first batch excluded: worker start-up)."""
+    """Images per second over whole epochs of a loader (first batch excluded: worker start-up).
+
+    Needs at least two batches in all: with one, nothing would be timed."""
     n = 0
     start = None
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for images, _labels in loader:
             if start is None:
                 start = time.perf_counter()
                 continue
             n += images.shape[0]
+    if n == 0:
+        raise ValueError("a loader benchmark needs at least two batches (the first one is not timed); "
+                         "use more files, more repeats or a smaller batch size")
     return n / (time.perf_counter() - start)
 
 

@@ -151,3 +151,14 @@ def test_eval_gain_scales_only_the_evaluation_transform():
     assert torch.equal(gained.train(gained.loader(path)), a)
     with pytest.raises(ValueError):
         get_toolchain(eval_gain=0)
+
+
+def test_loader_benchmark_counts_every_batch_but_the_first_and_refuses_one_batch():
+    from pipelines.bench import loader_images_per_s
+
+    batches = [(torch.zeros(n, 3, 4, 4), torch.zeros(n)) for n in (16, 16, 5)]
+    assert loader_images_per_s(batches) > 0
+    with pytest.raises(ValueError, match="at least two batches"):
+        loader_images_per_s(batches[:1])
+    with pytest.raises(ValueError, match="at least two batches"):
+        loader_images_per_s([])

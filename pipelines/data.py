@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from torchvision.datasets import ImageFolder
 
 from .imageio import FileProblem, check_image_file
@@ -122,3 +123,24 @@ def with_transform(dataset: ImageFolder, transform: Callable | None) -> ImageFol
     view = copy.copy(dataset)
     view.transform = transform
     return view
+
+
+def linked_subset(data_dir: str | Path, out_dir: str | Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """A copy of ``data_dir``'s layout under ``out_dir`` made of symbolic links to ``per_class[split]``
+    files drawn at random (seeded, without replacement) from each class of each split: a small
+    data set for quick runs that copies no image. Refuses a non-empty ``out_dir`` and a class with
+    fewer files than asked."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty")
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for class_dir in (data_dir / split / c for c in find_classes(data_dir / split)):
+            files = sorted(p for p in class_dir.iterdir() if p.is_file())
+            if len(files) < n:
+                raise ValueError(f"{class_dir} has {len(files)} files, fewer than the {n} asked for")
+            target = out_dir / split / class_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            for k in rng.choice(len(files), n, replace=False):
+                (target / files[k].name).symlink_to(files[k].resolve())
+    return out_dir

@@ -1,0 +1,62 @@
+"""Small display helpers for tarea2.ipynb: tables as Markdown, PNG figures as small JPEGs, and
+the rows of the test-metrics table. Kept here so the notebook's cells only call the project."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+METRIC_COLUMNS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
+    """Rows of equal keys as a Markdown table; floats with ``digits`` decimals, None as n/a."""
+    if not rows:
+        raise ValueError("no rows to show")
+    keys = list(rows[0])
+    if any(list(row) != keys for row in rows):
+        raise ValueError(f"every row needs the keys {keys}")
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def png_as_jpeg(path: str | PathLike[str], width: int = 860, quality: int = 80) -> bytes:
+    """A figure reduced to ``width`` pixels (never enlarged) as JPEG bytes: a notebook that stores
+    its outputs stays small."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((width, 4 * width))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def metric_rows(test: Mapping[str, Any], label: str = "prediction") -> list[dict[str, Any]]:
+    """The rows of ``metrics.json``'s ``test`` block: no TTA, then both TTA rules for each d."""
+    named = [("no TTA", test["no_tta"])]
+    named += [(f"TTA d={key[3:]}, {rule.replace('_', ' ')}", m) for key, rules in test.items()
+              if key.startswith("tta") for rule, m in rules.items()]
+    return [{label: name, **{k: m.get(k) for k in METRIC_COLUMNS}} for name, m in named]
+
+
+def show_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> None:
+    from IPython.display import Markdown, display
+
+    display(Markdown(markdown_table(rows, digits)))
+
+
+def show_png(path: str | PathLike[str], width: int = 860) -> None:
+    from IPython.display import Image, display
+
+    display(Image(data=png_as_jpeg(path, width), format="jpeg"))

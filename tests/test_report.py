@@ -1,0 +1,53 @@
+"""Tests of report.py (the notebook's display helpers) and pipelines.data.linked_subset."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.data import index_dataset, linked_subset
+from report import markdown_table, metric_rows, png_as_jpeg
+
+
+def test_markdown_table_formats_floats_none_and_pipes():
+    text = markdown_table([{"a": 0.12345, "b": None, "c": "x|y"}, {"a": 2, "b": 1.0, "c": "z"}])
+    assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| 0.123 | n/a | x\\|y |", "| 2 | 1.000 | z |"]
+    with pytest.raises(ValueError):
+        markdown_table([])
+    with pytest.raises(ValueError, match="keys"):
+        markdown_table([{"a": 1}, {"b": 2}])
+
+
+def test_png_as_jpeg_shrinks_but_never_enlarges(tmp_path):
+    Image.fromarray(np.zeros((300, 1200, 4), np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(tmp_path / "small.png")
+    assert Image.open(io.BytesIO(png_as_jpeg(tmp_path / "wide.png", 600))).size == (600, 150)
+    assert Image.open(io.BytesIO(png_as_jpeg(tmp_path / "small.png", 600))).size == (100, 50)
+
+
+def test_metric_rows_lists_no_tta_then_each_rule_of_each_d():
+    m = {k: 0.5 for k in ("accuracy", "f1", "precision", "recall", "specificity")} | {"roc_auc": None}
+    rows = metric_rows({"no_tta": m, "tta4": {"max_confidence": m, "mean_probability": m}})
+    assert [r["prediction"] for r in rows] == ["no TTA", "TTA d=4, max confidence", "TTA d=4, mean probability"]
+    assert rows[0]["roc_auc"] is None and rows[0]["f1"] == 0.5
+
+
+def test_linked_subset_links_the_asked_number_per_class_and_split(tiny_folder, tmp_path):
+    out = linked_subset(tiny_folder, tmp_path / "sub", {"train": 2, "test": 1}, seed=1)
+    index = index_dataset(out)
+    assert index.train.classes == index_dataset(tiny_folder).train.classes
+    for split, n in (("train", 2), ("test", 1)):
+        for class_dir in sorted((out / split).iterdir()):
+            links = list(class_dir.iterdir())
+            assert len(links) == n and all(p.is_symlink() and p.resolve().is_relative_to(Path(tiny_folder).resolve())
+                                           for p in links)
+    again = linked_subset(tiny_folder, tmp_path / "again", {"train": 2, "test": 1}, seed=1)
+    assert sorted(p.name for p in again.rglob("*.*")) == sorted(p.name for p in out.rglob("*.*"))
+    with pytest.raises(FileExistsError):
+        linked_subset(tiny_folder, out, {"train": 1})
+    with pytest.raises(ValueError, match="fewer"):
+        linked_subset(tiny_folder, tmp_path / "big", {"train": 10_000})

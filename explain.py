@@ -55,6 +55,7 @@ class ExplainSettings:
     train_steps: int = BriefTraining.steps
     device: str = "auto"
     json: bool = False
+    amp: bool = True
 
     def __post_init__(self) -> None:
         if self.samples < 2:
@@ -100,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-steps", type=int, default=BriefTraining.steps,
                         help="vgg16dwsep without --weights: steps of the brief synthetic training")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-amp", action="store_true",
+                        help="fp32 model calls (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the figures and explanation.json")
     parser.add_argument("--json", action="store_true", help="print the ranked superpixels as JSON on stdout")
     return parser
@@ -111,7 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> ExplainSettings:
         segmentations=tuple(dict.fromkeys(args.segmentation)), families=tuple(dict.fromkeys(args.family)),
         samples=args.samples, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size, top_k=args.top_k,
         C=args.C, l1=args.l1, max_superpixels=args.max_superpixels, tree_depth=args.tree_depth,
-        train_steps=args.train_steps, device=args.device, json=args.json)
+        train_steps=args.train_steps, device=args.device, json=args.json, amp=not args.no_amp)
 
 
 def choose_device(name: str) -> torch.device:
@@ -125,10 +128,11 @@ def choose_device(name: str) -> torch.device:
 
 def load_model(settings: ExplainSettings, device: torch.device) -> LoadedModel:
     loaders = {
-        "inception_v3": lambda: load_inception_v3(settings.weights, settings.random_weights, device, settings.seed),
+        "inception_v3": lambda: load_inception_v3(settings.weights, settings.random_weights, device, settings.seed,
+                                                  amp=settings.amp),
         "vgg16dwsep": lambda: load_vgg16dwsep(settings.weights, settings.random_weights, device, settings.seed,
                                               BriefTraining(steps=settings.train_steps, seed=settings.seed),
-                                              save_to=settings.out / SYNTHETIC_MODEL),
+                                              save_to=settings.out / SYNTHETIC_MODEL, amp=settings.amp),
     }
     return loaders[settings.model]()
 
@@ -214,7 +218,8 @@ def run(settings: ExplainSettings, device: torch.device) -> dict[str, Any]:
                 **explanation.summary()}
                for result in results for family, explanation in result.explanations.items()]
     report = {"image": str(settings.image), "model": loaded.name, "weights": loaded.weights_note,
-              "random_weights": loaded.random, "device": str(device), "prediction": prediction,
+              "random_weights": loaded.random, "device": str(device),
+              "precision": "fp32" if loaded.predictor.amp_dtype is None else "bf16 autocast", "prediction": prediction,
               "settings": {key: str(value) if isinstance(value, Path) else value
                            for key, value in dataclasses.asdict(settings).items()},
               "explanations": entries, "figures": figures}

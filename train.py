@@ -210,7 +210,7 @@ def count_params(settings: Settings) -> int:
     print("| variant | precision | train step s | train img/s | inference s | inference img/s |\n|---|---|---|---|---|---|")
     import torch
 
-    from models.training import bf16_native
+    from models.engine import bf16_native
 
     precisions = [("fp32", None, False), ("fp32 + channels-last", None, True)]
     if bf16_native(device):

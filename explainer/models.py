@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from models.engine import train_one_epoch
+from models.engine import precision_options, train_one_epoch
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
@@ -78,21 +78,22 @@ class TorchPredictor:
 
     Each call is one forward pass in eval mode under ``torch.inference_mode()``; the images are
     resized to ``input_size`` when they differ and normalised with ``mean``/``std`` when given.
-    On CUDA the model runs in bfloat16 autocast with channels-last tensors.
+    Channels-last, and bfloat16 autocast where the device does bf16 natively (CUDA, AVX512-BF16 or
+    AMX CPUs: ``models.engine.precision_options``, the same choice as training) unless ``amp=False``.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, input_size: int,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 amp: bool = True) -> None:
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        memory_format = torch.channels_last if self.cuda else torch.contiguous_format
-        self.model = model.eval().to(self.device, memory_format=memory_format)
+        self.amp_dtype = precision_options(self.device, amp)["amp_dtype"]
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.input_size = input_size
         self.mean = None if mean is None else torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = None if std is None else torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """N x 3 x input_size x input_size float32 on the device (channels-last on CUDA)."""
+        """N x 3 x input_size x input_size float32 on the device, channels-last."""
         x = torch.as_tensor(images, device=self.device)
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected N x H x W x 3 images, got shape {tuple(x.shape)}")
@@ -102,10 +103,11 @@ class TorchPredictor:
                               align_corners=False)
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                                     enabled=self.amp_dtype is not None):
             logits = self.model(self.model_input(images))
         return logits.float().softmax(dim=1).cpu().numpy()
 
@@ -157,7 +159,7 @@ def inception_state_dict(path: str | os.PathLike[str] | None) -> dict[str, torch
 
 
 def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
-                      seed: int = 0) -> LoadedModel:
+                      seed: int = 0, amp: bool = True) -> LoadedModel:
     """torchvision's inception_v3 with ImageNet weights (``weights`` file or the hub cache), or
     with seeded random weights.  ``transform_input=True`` as torchvision sets for its ImageNet
     weights: they expect Google's [-1, 1] scaling, which it derives from the ImageNet-normalised input."""
@@ -173,7 +175,7 @@ def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bo
         model = build()
         model.load_state_dict(state)
         note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
-    predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, amp=amp)
     return LoadedModel("inception_v3", predictor, list(INCEPTION_WEIGHTS.meta["categories"]), note, crop=True)
 
 
@@ -229,7 +231,7 @@ def train_briefly_on_synthetic(settings: BriefTraining = BriefTraining(), device
 
 def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
                     seed: int = 0, training: BriefTraining = BriefTraining(),
-                    save_to: str | os.PathLike[str] | None = None) -> LoadedModel:
+                    save_to: str | os.PathLike[str] | None = None, amp: bool = True) -> LoadedModel:
     """VGG16DWSep from a ``modelo.h5``; with neither weights nor ``random_weights``, a model
     briefly trained on synthetic data (``train_briefly_on_synthetic``), written to ``save_to``
     as a modelo.h5 when given so that a later run can pass it as ``weights``."""
@@ -248,5 +250,5 @@ def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool
             save_modelo_h5(save_to, model, class_names=class_names,
                            metadata={"note": note, "training": asdict(training), "stats": stats})
             logger.info("wrote %s (pass it as --weights to skip the training)", save_to)
-    predictor = TorchPredictor(model, device, model.input_size)
+    predictor = TorchPredictor(model, device, model.input_size, amp=amp)
     return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False)

@@ -42,6 +42,35 @@ TRAIN_KEYS = ("loss", "accuracy", "images", "seconds", "images_per_s")
 METRIC_KEYS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc", "confusion_matrix", "n")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: CUDA, or a CPU with AVX512-BF16/AMX
+    (oneDNN's check). Elsewhere bf16 autocast on the CPU is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def precision_options(device: torch.device, use_amp: bool) -> dict[str, Any]:
+    """Channels-last always (oneDNN and cuDNN both run these convolutions faster in NHWC); bf16
+    autocast when ``use_amp`` and the device does bf16 natively (see ``bf16_native``).
+
+    Measured on this project's 2-core AVX512-BF16 CPU (``train.py --count-params``, README), VGG16DWSep,
+    batch 16: training step fp32 3.40 s, channels-last 2.03 s, channels-last + bf16 1.36 s; inference
+    1.27, 0.51, 0.31 s.
+    """
+    return {"amp_dtype": torch.bfloat16 if use_amp and bf16_native(device) else None, "channels_last": True}
+
+
+def precision_label(opts: dict[str, Any]) -> str:
+    return ("bf16 autocast" if opts["amp_dtype"] is not None else "fp32") + (
+        " + channels-last" if opts["channels_last"] else "")
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models.early_stopping import EarlyStopping
-from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, predict,
-                           tta_labels, tta_predict, train_one_epoch)
+from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, precision_label,
+                           precision_options, predict, tta_labels, tta_predict, train_one_epoch)
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
@@ -70,34 +70,6 @@ def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int
 def evaluate_all(model: torch.nn.Module, loader, device: torch.device, total: int, **opts: Any) -> dict:
     probs, labels, loss = predict_all(model, loader, device, total, **opts)
     return classification_metrics(labels, probs) | {"loss": loss}
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively: CUDA, or a CPU with AVX512-BF16/AMX
-    (oneDNN's check). Elsewhere bf16 autocast on the CPU is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def precision_options(device: torch.device, use_amp: bool) -> dict[str, Any]:
-    """Channels-last always (oneDNN and cuDNN both run these convolutions faster in NHWC); bf16
-    autocast when ``use_amp`` and the device does bf16 natively (see ``bf16_native``).
-
-    Measured on this 2-core AVX512-BF16 CPU, VGG16DWSep, batch 16, one training step: fp32 NCHW
-    2.66 s, channels-last 1.64 s, channels-last + bf16 1.13 s (2.4x); inference 0.85 -> 0.34 s.
-    """
-    return {"amp_dtype": torch.bfloat16 if use_amp and bf16_native(device) else None, "channels_last": True}
-
-
-def precision_label(opts: dict[str, Any]) -> str:
-    return ("bf16 autocast" if opts["amp_dtype"] is not None else "fp32") + (
-        " + channels-last" if opts["channels_last"] else "")
 
 
 def build_model(settings, device: torch.device) -> VGG16DWSep:

@@ -18,6 +18,7 @@ from explainer.core import (Explanation, PerturbedBatches, SurrogateSettings, co
 from explainer.models import (IMAGENET_MEAN, IMAGENET_STD, BriefTraining, TorchPredictor, explanation_image,
                               inception_transform, seeded_init, train_briefly_on_synthetic)
 from explainer.segmentation import SEGMENTATIONS, SegmentationSettings, clusters_to_superpixels, segment
+from models.engine import bf16_native
 from models.vgg16dwsep import VGG16DWSep
 from tests.helpers import SMALL_224, real_files
 
@@ -256,7 +257,7 @@ def tiny_net(classes: int = 5) -> nn.Module:
 
 def test_torch_predictor_normalises_resizes_and_accepts_numpy_or_tensors() -> None:
     net = tiny_net()
-    predictor = TorchPredictor(net, "cpu", 16, IMAGENET_MEAN, IMAGENET_STD)
+    predictor = TorchPredictor(net, "cpu", 16, IMAGENET_MEAN, IMAGENET_STD, amp=False)
     images = np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32)
     probs = predictor(images)
     assert probs.shape == (3, 5)
@@ -271,6 +272,9 @@ def test_torch_predictor_normalises_resizes_and_accepts_numpy_or_tensors() -> No
     assert predictor.model_input(np.zeros((2, 40, 40, 3), np.float32)).shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="N x H x W x 3"):
         predictor(np.zeros((2, 3, 16, 16), np.float32))
+    auto = TorchPredictor(net, "cpu", 16, IMAGENET_MEAN, IMAGENET_STD)  # bf16 where this CPU has it
+    assert auto.amp_dtype == (torch.bfloat16 if bf16_native(torch.device("cpu")) else None)
+    np.testing.assert_allclose(auto(images), probs, atol=0.02)  # bf16 keeps 8 bits of mantissa
 
 
 def test_inception_transform_equals_explanation_image_then_normalisation() -> None:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models.h5io import load_modelo_h5, read_modelo_metadata
-from models.training import bf16_native, precision_label, precision_options, train
+from models.engine import bf16_native, precision_label, precision_options
+from models.training import train
 from pipelines.synthetic import make_synthetic_dataset
 from train import Settings, main
 

@@ -116,6 +116,7 @@ class VGG16DWSep(nn.Module):
         self.separable = separable
         self.features = _make_features(separable)
         self.classifier = _make_classifier(FEATURE_CHANNELS * (input_size // side) ** 2, num_classes)
+        initialise(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):
@@ -123,6 +124,35 @@ class VGG16DWSep(nn.Module):
                 f"expected N x 3 x {self.input_size} x {self.input_size} input, got {tuple(x.shape)}"
             )
         return self.classifier(self.features(x))
+
+
+def initialise(model: nn.Module) -> None:
+    """torchvision's VGG initialisation, with the depthwise convolutions' own fan-in.
+
+    Full and pointwise convolutions: He normal (fan-out, ReLU gain), bias 0; depthwise: He normal
+    over their k x k fan-in with gain 1 (no activation before the pointwise one), bias 0; Linear:
+    N(0, 0.01), bias 0; BatchNorm: 1 and 0. PyTorch's default (uniform, variance 1/(3 fan-in), random
+    biases) shrinks the signal layer by layer until the biases swamp it: at the first BatchNorm the
+    per-channel variance is about 1e-5, the size of its ``eps``, and the image-to-image variation of
+    the logits about 1e-8, so the BatchNorm running statistics cannot stand in for the batch
+    statistics and the network in eval mode predicted one class for every image (measured on
+    chest_xray_224 after one epoch: validation accuracy 0.68 in eval mode, 0.93 with batch
+    statistics). ImageNet weights, when loaded, replace the first two convolutions' afterwards.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.groups > 1:
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="linear")
+            else:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def load_vgg16_first_convs(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

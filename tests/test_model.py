@@ -306,3 +306,24 @@ def test_imagenet_weights_from_explicit_path(tmp_path: Path) -> None:
     assert torch.equal(loaded["features.0.weight"], state["features.0.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         imagenet_vgg16_state_dict(tmp_path / "missing.pth")
+
+
+def test_initialisation_keeps_the_image_signal_well_above_batch_norm_eps():
+    """With PyTorch's default init the first BatchNorm saw a per-channel variance of ~1e-5 (its
+    eps) and the logits differed between images by ~1e-8; the VGG-style init keeps both usable."""
+    from models.vgg16dwsep import initialise
+
+    torch.manual_seed(0)
+    model = VGG16DWSep(input_size=64).eval()
+    first_bn = next(m for m in model.features if isinstance(m, torch.nn.BatchNorm2d))
+    seen = {}
+    first_bn.register_forward_hook(lambda m, inputs, out: seen.setdefault("x", inputs[0]))
+    images = torch.rand(8, 3, 64, 64) * torch.linspace(0.3, 1.0, 8).view(8, 1, 1, 1)  # different brightness
+    with torch.no_grad():
+        logits = model(images)
+    assert seen["x"].var(dim=(0, 2, 3)).median() > 10 * first_bn.eps  # default init: ~1 eps
+    assert logits.std(dim=0).min() > 1e-4
+    depthwise = model.features[5].depthwise
+    assert depthwise.weight.std().item() == pytest.approx(1 / 3, rel=0.1)  # fan-in 9, gain 1
+    assert all(not m.bias.detach().any() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    initialise(model)  # idempotent in distribution, and callable on its own

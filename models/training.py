@@ -208,7 +208,8 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opts = precision_options(device, settings.amp)
     precision = precision_label(opts)
-    logger.info("precision: %s", precision)
+    logger.info("precision: %s; evaluation images x%g%s", precision, settings.eval_gain,
+                " (the brief's /255 only)" if settings.eval_gain == 1 else " (--eval-gain)")
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
@@ -239,7 +240,8 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches)
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
-               "synthetic_data": settings.demo, "world_size": world_size, "precision": precision}
+               "synthetic_data": settings.demo, "world_size": world_size, "precision": precision,
+               "eval_gain": settings.eval_gain}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

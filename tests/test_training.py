@@ -77,7 +77,8 @@ def test_precision_is_channels_last_and_bf16_only_where_native():
 def test_summary_records_the_precision_used(small_set, tmp_path):
     summary = train(settings_for(small_set, tmp_path, epochs=1, tta=(), amp=False), torch.device("cpu"))
     assert summary["precision"] == "fp32 + channels-last"
-    assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32 + channels-last"
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["precision"] == "fp32 + channels-last" and written["eval_gain"] == 1.0
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:

@@ -1,5 +1,10 @@
-"""Small display helpers for tarea2.ipynb: tables as Markdown, PNG figures as small JPEGs, and
-the rows of the test-metrics table. Kept here so the notebook's cells only call the project."""
+"""Small display helpers for tarea2.ipynb (tables as Markdown, PNG figures as small JPEGs, the rows
+of the test-metrics table) and its headless execution. Kept here so the notebook's cells only call
+the project.
+
+    python report.py [tarea2.ipynb]     # execute it in place with this interpreter's kernel
+                                        # (TAREA2_FAST=1 by default: the stored fast run)
+"""
 
 from __future__ import annotations
 
@@ -60,3 +65,53 @@ def show_png(path: str | PathLike[str], width: int = 860) -> None:
     from IPython.display import Image, display
 
     display(Image(data=png_as_jpeg(path, width), format="jpeg"))
+
+
+def this_python_kernel(folder: str | PathLike[str]):
+    """A kernel manager that starts ipykernel with this interpreter (the venv's), from a kernel spec
+    written under ``folder``: the user's and the system's Jupyter kernel specs are never consulted."""
+    from pathlib import Path
+
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    write_kernel_spec(Path(folder) / "python3")
+    specs = KernelSpecManager(kernel_dirs=[str(folder)], ensure_native_kernel=False)
+    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def execute_notebook(notebook, workdir: str | PathLike[str], kernels: str | PathLike[str], timeout_s: int = 600):
+    """Run every cell of an nbformat notebook in ``workdir`` (raises CellExecutionError on the first
+    failing cell); the outputs are stored in the notebook object."""
+    import nbclient
+
+    client = nbclient.NotebookClient(notebook, km=this_python_kernel(kernels), timeout=timeout_s,
+                                     resources={"metadata": {"path": str(workdir)}})
+    client.execute()
+    return notebook
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import nbformat
+
+    parser = argparse.ArgumentParser(description="Execute a notebook in place with this interpreter's kernel "
+                                                 "(TAREA2_FAST defaults to 1).")
+    parser.add_argument("notebook", nargs="?", default="tarea2.ipynb", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TAREA2_FAST", "1")
+    notebook = nbformat.read(args.notebook, as_version=4)
+    with tempfile.TemporaryDirectory() as kernels:
+        execute_notebook(notebook, args.notebook.resolve().parent, kernels)
+    nbformat.write(notebook, args.notebook)
+    print(f"executed and saved {args.notebook} ({args.notebook.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

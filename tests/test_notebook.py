@@ -6,24 +6,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import nbclient
 import nbformat
 import pytest
-from ipykernel.kernelspec import write_kernel_spec
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
+
+from report import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "tarea2.ipynb"
 TIMEOUT_S = 600  # per cell; the whole test takes 1.6 min (quiet) to 3.6 min (load ~3) on the shared 2-core CPU
-
-
-def this_python_kernel(folder: Path) -> KernelManager:
-    """A kernel manager that starts ipykernel with this interpreter (the venv's), from a kernel spec
-    written under ``folder``: the user's and the system's Jupyter kernel specs are never consulted."""
-    write_kernel_spec(folder / "python3")
-    specs = KernelSpecManager(kernel_dirs=[str(folder)], ensure_native_kernel=False)
-    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
 
 
 def error_outputs(notebook) -> list[str]:
@@ -44,10 +34,8 @@ def test_notebook_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("TAREA2_FAST", "1")
     monkeypatch.setenv("TAREA2_OUT", str(out))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    km = this_python_kernel(tmp_path / "kernels")
-    client = nbclient.NotebookClient(notebook, km=km, timeout=TIMEOUT_S, resources={"metadata": {"path": str(ROOT)}})
     try:
-        client.execute()  # raises CellExecutionError on the first failing cell
+        execute_notebook(notebook, ROOT, tmp_path / "kernels", TIMEOUT_S)  # raises on the first failing cell
         assert error_outputs(notebook) == []
         assert stdout_lines(notebook, "python: ") == [f"python: {sys.executable}"]  # the venv's kernel ran it
         assert stdout_lines(notebook, "FAST=")[0].startswith("FAST=True")

@@ -2,7 +2,9 @@
 # Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
 #   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
-#   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision
+#   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision,
+#      validated and tested with --eval-gain 1.35 (README: train/test brightness), then its weights
+#      evaluated with the brief's /255-only transform too
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
 #
 # On the GPU machine (after staging DALI as DEVICE.md says, or without DALI):
@@ -33,7 +35,7 @@ step() {  # name, seconds, command...
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log" | grep -E '^[|]|img/s|[Ee]rror' | tail -n 25 >> "$OUT/summary.txt"
+  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|[Ee]rror' | tail -n 25 >> "$OUT/summary.txt"
   echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
 }
 
@@ -42,15 +44,23 @@ if [ "$CPU" = 1 ]; then
   step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 --n224 64 \
        --batch-sizes 16 --json "$OUT/bench.json"
   step train 300 $PY train.py --data-dir "$DATA/chest_xray_224" --loader "$LOADER" --no-pretrained \
-       --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" --weights-out "$OUT/run/modelo.h5"
+       --eval-gain 1.35 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
+       --weights-out "$OUT/run/modelo.h5"
+  step eval_brief_transform 400 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
+       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta 2 --batch-size 8 --json
 else
   step count_params 120 $PY train.py --count-params --device cuda --batch-size 64
   step bench 180 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 --n224 2000 \
        --batch-sizes 64 256 --json "$OUT/bench.json"
   step train 240 $PY train.py --data-dir "$DATA/chest_xray_224" --loader "$LOADER" --no-pretrained \
-       --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 --out "$OUT/run" \
+       --eval-gain 1.35 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
+  step eval_brief_transform 60 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
+       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta 4 8 --json
 fi
 cp "$OUT"/run/{metrics.json,log.jsonl,learning_curves.png,confusion_matrix.png} "$OUT"/ 2>/dev/null
 rm -rf "$OUT/run"
+# at most 8 files come back from the machine: the logs travel as one archive
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
 cat "$OUT/summary.txt"
+ls "$OUT"

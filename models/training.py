@@ -29,6 +29,7 @@ from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
 from pipelines.loaders import LoaderSettings, make_loader, make_loaders
 from pipelines.samplers import RepeatSampler, unshard
+from pipelines.transforms import NOISE_MEAN
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,11 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     precision = precision_label(opts)
     logger.info("precision: %s; evaluation images x%g%s", precision, settings.eval_gain,
                 " (the brief's /255 only)" if settings.eval_gain == 1 else " (--eval-gain)")
+    if settings.eval_gain == 1 and not settings.demo:
+        logger.warning("validation and test images get /255 only while the training noise makes training images "
+                       "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
+                       "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
+                       "brightness')", NOISE_MEAN, NOISE_MEAN)
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)

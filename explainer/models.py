@@ -232,13 +232,18 @@ def train_briefly_on_synthetic(settings: BriefTraining = BriefTraining(), device
 def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
                     seed: int = 0, training: BriefTraining = BriefTraining(),
                     save_to: str | os.PathLike[str] | None = None, amp: bool = True) -> LoadedModel:
-    """VGG16DWSep from a ``modelo.h5``; with neither weights nor ``random_weights``, a model
+    """VGG16DWSep from a ``modelo.h5`` (its inputs multiplied by the ``eval_gain`` it was trained with,
+    as ``train.py --eval-only`` does); with neither weights nor ``random_weights``, a model
     briefly trained on synthetic data (``train_briefly_on_synthetic``), written to ``save_to``
     as a modelo.h5 when given so that a later run can pass it as ``weights``."""
     class_names = list(SYNTHETIC_CLASSES)
+    gain = 1.0
     if weights is not None:
         model, meta = load_modelo_h5(weights, device)
         class_names, note = list(meta["class_names"]), f"modelo.h5 at {weights}"
+        gain = float(meta.get("metadata", {}).get("settings", {}).get("eval_gain", 1.0))
+        if gain != 1.0:  # the evaluation transform the model was selected with: /255 x gain
+            note += f", inputs x{gain:g} (its --eval-gain)"
     elif random_weights:
         model, note = seeded_init(VGG16DWSep, seed), RANDOM_NOTE
         logger.warning("!! VGG16DWSep with %s !!", RANDOM_NOTE)
@@ -250,5 +255,7 @@ def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool
             save_modelo_h5(save_to, model, class_names=class_names,
                            metadata={"note": note, "training": asdict(training), "stats": stats})
             logger.info("wrote %s (pass it as --weights to skip the training)", save_to)
-    predictor = TorchPredictor(model, device, model.input_size, amp=amp)
+    # x * gain written as TorchPredictor's normalisation (x - 0) / (1 / gain)
+    scale = None if gain == 1.0 else ((0.0, 0.0, 0.0), (1 / gain,) * 3)
+    predictor = TorchPredictor(model, device, model.input_size, *(scale or (None, None)), amp=amp)
     return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False)

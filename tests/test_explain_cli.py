@@ -131,3 +131,24 @@ def test_bad_arguments_exit_with_usage(bad: list[str], xray_path: str, tmp_path:
     with pytest.raises(SystemExit) as exit_info:
         explain.main(["--image", xray_path, "--out", str(tmp_path), *bad])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("gain", [1.0, 1.35])
+def test_vgg16dwsep_weights_are_explained_with_their_eval_gain(gain: float, tmp_path: Path) -> None:
+    """A modelo.h5 selected with --eval-gain g saw validation and test images x g: LIME's model calls
+    must see the same, or the explanation is of a model on inputs it was never evaluated on."""
+    import numpy as np
+    import torch
+
+    from models.h5io import save_modelo_h5
+    from models.vgg16dwsep import VGG16DWSep
+
+    torch.manual_seed(0)
+    net = VGG16DWSep(input_size=32).eval()
+    path = save_modelo_h5(tmp_path / "m.h5", net, class_names=["NORMAL", "PNEUMONIA"],
+                          metadata={"settings": {"eval_gain": gain}})
+    loaded = models.load_vgg16dwsep(path, random_weights=False, device=torch.device("cpu"), amp=False)
+    image = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    expected = torch.from_numpy(image).permute(0, 3, 1, 2) * gain
+    assert torch.allclose(loaded.predictor.model_input(image), expected, atol=1e-6)
+    assert ("x1.35" in loaded.weights_note) == (gain != 1.0)

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from models.engine import precision_options, train_one_epoch
+from models.engine import autocast, precision_options, train_one_epoch
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
@@ -106,8 +106,7 @@ class TorchPredictor:
         return x.contiguous(memory_format=torch.channels_last)
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                                     enabled=self.amp_dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             logits = self.model(self.model_input(images))
         return logits.float().softmax(dim=1).cpu().numpy()
 

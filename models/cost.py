@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.engine import autocast
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, parameter_table,
                                trainable_parameters)
 
@@ -90,18 +91,15 @@ def step_times(separable: bool, device: torch.device, batch_size: int = 16, inpu
     x = torch.rand(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 2, (batch_size,), device=device)
 
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with amp():
+        with autocast(device, amp_dtype):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
 
     def infer() -> None:
-        with torch.inference_mode(), amp():
+        with torch.inference_mode(), autocast(device, amp_dtype):
             model(x)
 
     model.train()

@@ -71,7 +71,8 @@ def precision_label(opts: dict[str, Any]) -> str:
         " + channels-last" if opts["channels_last"] else "")
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``amp_dtype`` on ``device``'s type, or nothing when ``amp_dtype`` is None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
@@ -125,7 +126,7 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for index, (images, labels) in enumerate(bar):
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(_prepare(images, channels_last))
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +177,7 @@ def predict(
     try:
         with torch.inference_mode():
             for images, batch_labels in tqdm(loader, desc="predict", disable=not progress, leave=False):
-                with _autocast(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     logits = model(_prepare(images, channels_last))
                 logits = logits.float()
                 loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum").double()

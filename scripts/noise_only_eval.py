@@ -12,27 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.engine import classification_metrics, precision_options  # noqa: E402
+from models.engine import classification_metrics, precision_options, predict  # noqa: E402
 from models.h5io import load_modelo_h5  # noqa: E402
 from pipelines.data import index_dataset  # noqa: E402
-from pipelines.imageio import to_rgb8  # noqa: E402
-from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN  # noqa: E402
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain  # noqa: E402
 
-
-def probabilities(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> np.ndarray:
-    opts = precision_options(torch.device("cpu"), use_amp=True)
-    out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=opts["amp_dtype"] or torch.bfloat16,
-                                                enabled=opts["amp_dtype"] is not None):
-        for i in range(0, len(images), batch):
-            x = images[i:i + batch].contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().softmax(1)[:, 1])
-    return torch.cat(out).numpy()
+BATCH = 32
 
 
 def main() -> int:
@@ -41,21 +30,18 @@ def main() -> int:
     parser.add_argument("--data-dir", default="../shared/data/chest_xray_224")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from PIL import Image
-
-    model, _ = load_modelo_h5(args.weights)
-    model = model.to(memory_format=torch.channels_last)
+    device = torch.device("cpu")
+    model, _ = load_modelo_h5(args.weights, device)
     index = index_dataset(args.data_dir)
-    size = model.input_size
-    images = torch.stack([
-        torch.from_numpy(np.array(to_rgb8(Image.open(path)).resize((size, size), Image.BILINEAR))).permute(2, 0, 1)
-        for path, _ in index.test.samples]).float() / 255
-    labels = np.asarray(index.test.targets)
+    chain = get_toolchain()  # the project's evaluation transform: decode, resize, /255
+    images = torch.stack([chain.eval(chain.loader(path)) for path, _ in index.test.samples])
+    labels = torch.as_tensor(index.test.targets)
     noise = NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(images.shape, generator=torch.Generator().manual_seed(args.seed))
     rows = {}
     for name, x in ((f"x{NOISE_MEAN:g}, no noise", images * NOISE_MEAN), ("noise only, one copy", images * noise)):
-        p = probabilities(model, x)
-        m = classification_metrics(labels, np.stack([1 - p, p], 1))
+        batches = [(x[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+        probs, y, _loss = predict(model, batches, device, **precision_options(device, use_amp=True))
+        m = classification_metrics(y, probs)
         rows[name] = {k: m[k] for k in ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc")}
     print(json.dumps(rows, indent=1))
     return 0

@@ -55,12 +55,6 @@ def metric_rows(test: Mapping[str, Any], label: str = "prediction") -> list[dict
     return [{label: name, **{k: m.get(k) for k in METRIC_COLUMNS}} for name, m in named]
 
 
-def show_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> None:
-    from IPython.display import Markdown, display
-
-    display(Markdown(markdown_table(rows, digits)))
-
-
 def show_png(path: str | PathLike[str], width: int = 860) -> None:
     from IPython.display import Image, display
 

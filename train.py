@@ -3,6 +3,7 @@
     python train.py --data-dir DIR                       # train (CUDA when present), then test
     python train.py --data-dir DIR --loader dali         # DALI input pipeline (GPU on CUDA, else CPU)
     python train.py --data-dir DIR --resume              # continue after a crash / kill -9
+    python train.py --data-dir DIR --eval-noise          # validate and test with the training noise (README)
     python train.py --data-dir DIR --eval-only --weights modelo.h5 --tta 8 --json
     python train.py --data-dir DIR --check-data          # index, count, list skipped files, exit
     python train.py --count-params                       # parameters and step times, both variants
@@ -54,6 +55,7 @@ class Settings:
     train_subset: int | None = None
     tta: tuple[int, ...] = (4, 8)
     eval_gain: float = 1.0
+    eval_noise: bool = False
     decoded_cache: bool = False
     amp: bool = True
     demo: bool = False
@@ -68,6 +70,8 @@ class Settings:
             raise ValueError(f"--tta values must be >= 1, got {list(self.tta)}")
         if not self.eval_gain > 0:
             raise ValueError(f"--eval-gain must be > 0, got {self.eval_gain}")
+        if self.eval_noise and self.eval_gain != 1.0:
+            raise ValueError("give --eval-noise or --eval-gain, not both (the noise's mean already is 1.35)")
         if self.train_subset is not None and self.train_subset < 8:
             raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
 
@@ -119,6 +123,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "of the training noise U[1.2, 1.5], which removes the brightness shift between "
                          "training and evaluation images (default: 1, the brief's transform; with "
                          "--eval-only: the value the model was trained with)")
+    ev.add_argument("--eval-noise", action=argparse.BooleanOptionalAction, default=None,
+                    help="multiply each value of the evaluation images by its own U[1.2, 1.5] draw, the "
+                         "training noise (step 5), seeded: removes the brightness and the texture shift "
+                         "between training and evaluation images (default: off, the brief's transform; with "
+                         "--eval-only: what the model was trained with)")
     p.add_argument("--count-params", action="store_true",
                    help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     return p
@@ -132,7 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=args.device, epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers,
         seed=args.seed, paciencia=args.paciencia, pretrained=not args.no_pretrained,
         vgg16_weights=args.vgg16_weights, train_subset=args.train_subset, tta=tuple(args.tta),
-        eval_gain=1.0 if args.eval_gain is None else args.eval_gain, decoded_cache=args.decoded_cache,
+        eval_gain=1.0 if args.eval_gain is None else args.eval_gain, eval_noise=bool(args.eval_noise),
+        decoded_cache=args.decoded_cache,
         amp=not args.no_amp, demo=args.demo)
 
 
@@ -258,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         if not args.weights:
             raise ValueError("--eval-only needs --weights modelo.h5")
-        metrics = evaluate_weights(settings, args.weights, resolve_device(settings.device), args.eval_gain)
+        metrics = evaluate_weights(settings, args.weights, resolve_device(settings.device), args.eval_gain,
+                                   args.eval_noise)
         print(json.dumps(metrics) if args.json else json.dumps(metrics, indent=2))
         return 0
     seed_everything(settings.seed)

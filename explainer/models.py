@@ -30,7 +30,7 @@ from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
-from pipelines.transforms import get_toolchain
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +77,26 @@ class TorchPredictor:
     ``device``) -> N x C softmax probabilities (numpy float32).
 
     Each call is one forward pass in eval mode under ``torch.inference_mode()``; the images are
-    resized to ``input_size`` when they differ and normalised with ``mean``/``std`` when given.
+    resized to ``input_size`` when they differ, multiplied by ``multiplier`` when given (a number,
+    or a fixed 3 x input_size x input_size tensor: the same for every image of every call), then
+    normalised with ``mean``/``std`` when given.
     Channels-last, and bfloat16 autocast where the device does bf16 natively (CUDA, AVX512-BF16 or
     AMX CPUs: ``models.engine.precision_options``, the same choice as training) unless ``amp=False``.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, input_size: int,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 amp: bool = True) -> None:
+                 amp: bool = True, multiplier: float | torch.Tensor | None = None) -> None:
         self.device = torch.device(device)
         self.amp_dtype = precision_options(self.device, amp)["amp_dtype"]
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.input_size = input_size
         self.mean = None if mean is None else torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = None if std is None else torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.multiplier = None if multiplier is None else torch.as_tensor(multiplier, dtype=torch.float32,
+                                                                          device=self.device)
+        if self.multiplier is not None and self.multiplier.ndim not in (0, 3):
+            raise ValueError(f"multiplier must be a number or a 3 x H x W tensor, got {tuple(self.multiplier.shape)}")
 
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """N x 3 x input_size x input_size float32 on the device, channels-last."""
@@ -101,6 +107,8 @@ class TorchPredictor:
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                               align_corners=False)
+        if self.multiplier is not None:
+            x = x * self.multiplier
         if self.mean is not None:
             x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
@@ -228,21 +236,35 @@ def train_briefly_on_synthetic(settings: BriefTraining = BriefTraining(), device
     return model.eval(), stats
 
 
+def eval_multiplier(trained: dict, size: int, seed: int) -> tuple[float | torch.Tensor | None, str]:
+    """What a modelo.h5's evaluation images were multiplied by after /255 (its ``--eval-gain`` or
+    ``--eval-noise``), for LIME's model calls, and how the explanation's note says so.  The noise
+    is one seeded draw shared by every perturbed image, so the model's answers differ between
+    perturbations only by the superpixels switched off."""
+    if trained.get("eval_noise", False):
+        generator = torch.Generator().manual_seed(seed)
+        noise = NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand((3, size, size), generator=generator)
+        return noise, f", inputs x one U[{NOISE_LOW:g}, {NOISE_HIGH:g}] draw per value (its --eval-noise, seed {seed})"
+    gain = float(trained.get("eval_gain", 1.0))
+    if gain != 1.0:
+        return gain, f", inputs x{gain:g} (its --eval-gain)"
+    return None, ""
+
+
 def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
                     seed: int = 0, training: BriefTraining = BriefTraining(),
                     save_to: str | os.PathLike[str] | None = None, amp: bool = True) -> LoadedModel:
-    """VGG16DWSep from a ``modelo.h5`` (its inputs multiplied by the ``eval_gain`` it was trained with,
-    as ``train.py --eval-only`` does); with neither weights nor ``random_weights``, a model
-    briefly trained on synthetic data (``train_briefly_on_synthetic``), written to ``save_to``
-    as a modelo.h5 when given so that a later run can pass it as ``weights``."""
+    """VGG16DWSep from a ``modelo.h5`` (its inputs scaled as its evaluation images were, by its
+    ``--eval-gain`` or ``--eval-noise``: ``eval_multiplier``); with neither weights nor
+    ``random_weights``, a model briefly trained on synthetic data (``train_briefly_on_synthetic``),
+    written to ``save_to`` as a modelo.h5 when given so that a later run can pass it as ``weights``."""
     class_names = list(SYNTHETIC_CLASSES)
-    gain = 1.0
+    multiplier = None
     if weights is not None:
         model, meta = load_modelo_h5(weights, device)
         class_names, note = list(meta["class_names"]), f"modelo.h5 at {weights}"
-        gain = float(meta.get("metadata", {}).get("settings", {}).get("eval_gain", 1.0))
-        if gain != 1.0:  # the evaluation transform the model was selected with: /255 x gain
-            note += f", inputs x{gain:g} (its --eval-gain)"
+        multiplier, how = eval_multiplier(meta.get("metadata", {}).get("settings", {}), model.input_size, seed)
+        note += how
     elif random_weights:
         model, note = seeded_init(VGG16DWSep, seed), RANDOM_NOTE
         logger.warning("!! VGG16DWSep with %s !!", RANDOM_NOTE)
@@ -254,7 +276,5 @@ def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool
             save_modelo_h5(save_to, model, class_names=class_names,
                            metadata={"note": note, "training": asdict(training), "stats": stats})
             logger.info("wrote %s (pass it as --weights to skip the training)", save_to)
-    # x * gain written as TorchPredictor's normalisation (x - 0) / (1 / gain)
-    scale = None if gain == 1.0 else ((0.0, 0.0, 0.0), (1 / gain,) * 3)
-    predictor = TorchPredictor(model, device, model.input_size, *(scale or (None, None)), amp=amp)
+    predictor = TorchPredictor(model, device, model.input_size, amp=amp, multiplier=multiplier)
     return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False)

@@ -29,7 +29,7 @@ from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
 from pipelines.loaders import LoaderSettings, make_loader, make_loaders
 from pipelines.samplers import RepeatSampler, unshard
-from pipelines.transforms import NOISE_MEAN
+from pipelines.transforms import NOISE_MEAN, eval_intensity_label
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def loader_settings(settings) -> LoaderSettings:
     return LoaderSettings(backend=settings.loader, batch_size=settings.batch_size,
                           num_workers=settings.num_workers, seed=settings.seed,
                           train_subset=settings.train_subset, rank=rank, world_size=world_size,
-                          eval_gain=settings.eval_gain, decoded_cache=settings.decoded_cache)
+                          eval_gain=settings.eval_gain, eval_noise=settings.eval_noise,
+                          decoded_cache=settings.decoded_cache)
 
 
 def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int,
@@ -120,7 +121,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: str) -> dict:
     from pipelines.transforms import get_toolchain
 
-    chain = get_toolchain(eval_gain=settings.eval_gain)
+    chain = get_toolchain(eval_gain=settings.eval_gain, eval_noise=settings.eval_noise)
     return {"settings": dataclasses.asdict(settings), "best": best, "pretrained": pretrained_note,
             "train_transform": repr(chain.train), "eval_transform": repr(chain.eval),
             "data": {"root": str(index.root), "train": index.class_counts("train"),
@@ -209,13 +210,13 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opts = precision_options(device, settings.amp)
     precision = precision_label(opts)
-    logger.info("precision: %s; evaluation images x%g%s", precision, settings.eval_gain,
-                " (the brief's /255 only)" if settings.eval_gain == 1 else " (--eval-gain)")
-    if settings.eval_gain == 1 and not settings.demo:
+    logger.info("precision: %s; evaluation images %s", precision,
+                eval_intensity_label(settings.eval_gain, settings.eval_noise))
+    if settings.eval_gain == 1 and not settings.eval_noise and not settings.demo:
         logger.warning("validation and test images get /255 only while the training noise makes training images "
-                       "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
-                       "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
-                       "brightness')", NOISE_MEAN, NOISE_MEAN)
+                       "%.2fx brighter on average and grainy; the network learns both, so --eval-noise (the "
+                       "training noise on evaluation images) or --eval-gain %.2f usually selects and scores "
+                       "the model better (README, 'Train/test brightness')", NOISE_MEAN, NOISE_MEAN)
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
@@ -247,7 +248,7 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
                "synthetic_data": settings.demo, "world_size": world_size, "precision": precision,
-               "eval_gain": settings.eval_gain}
+               "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -287,14 +288,20 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
     return results
 
 
-def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None) -> dict:
-    """Test metrics of a modelo.h5; ``eval_gain=None`` uses the gain the model was trained with."""
+def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None,
+                     eval_noise: bool | None = None) -> dict:
+    """Test metrics of a modelo.h5.  With neither ``eval_gain`` nor ``eval_noise`` given, its
+    evaluation images are scaled as the model was trained with (its ``--eval-gain`` or
+    ``--eval-noise``); giving either replaces both."""
     model, meta = load_modelo_h5(weights, device=device)
-    trained_gain = meta.get("metadata", {}).get("settings", {}).get("eval_gain", 1.0)
-    settings = dataclasses.replace(settings, eval_gain=trained_gain if eval_gain is None else eval_gain)
+    trained = meta.get("metadata", {}).get("settings", {})
+    if eval_gain is None and eval_noise is None:
+        eval_gain, eval_noise = float(trained.get("eval_gain", 1.0)), bool(trained.get("eval_noise", False))
+    settings = dataclasses.replace(settings, eval_gain=1.0 if eval_gain is None else eval_gain,
+                                   eval_noise=bool(eval_noise))
     index = index_dataset(settings.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "
                          f"but {settings.data_dir} has {index.classes}")
-    return {"weights": str(weights), "eval_gain": settings.eval_gain,
+    return {"weights": str(weights), "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise,
             "test": evaluate_test_set(model, index, settings, device)}

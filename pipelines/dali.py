@@ -45,6 +45,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListCPU
 
 from .imageio import jpeg_header
+from .transforms import check_eval_intensity
 
 if TYPE_CHECKING:
     from .decoded_cache import DecodedCache
@@ -168,19 +169,22 @@ NOISE = Feed(types.FLOAT, 3, "CHW")
 
 
 def loader_graph(fed: Sequence[DataNode], *, cached: bool, augment: bool, device: str,
-                 size: int, eval_gain: float = 1.0) -> DataNode:
+                 size: int, eval_gain: float = 1.0, eval_noise: bool = False) -> DataNode:
     """The loader's processing of the external source's outputs: (encoded files, gray
-    flags) or (decoded images,), then the noise when augmenting on the CPU."""
+    flags) or (decoded images,), then the noise when there is noise on the CPU (training,
+    or evaluation with `eval_noise`: the training noise after the evaluation steps)."""
     if cached:
         images = fed[0].gpu() if device == "gpu" else fed[0]
     else:
         images = decode_resize(fed[0], fed[1], device, size)
-    if not augment:
-        return eval_graph(images, device, eval_gain)
-    if device == "cpu":
-        return train_graph(images, fed[-1])
-    noise = fn.random.uniform(range=list(NOISE_RANGE), shape=[3, size, size], device=device)
-    return train_graph(images, noise)
+    noise = None
+    if augment or eval_noise:
+        noise = fed[-1] if device == "cpu" else fn.random.uniform(
+            range=list(NOISE_RANGE), shape=[3, size, size], device=device)
+    if augment:
+        return train_graph(images, noise)
+    images = eval_graph(images, device, eval_gain)
+    return images if noise is None else images * noise
 
 
 @pipeline_def(enable_conditionals=True)
@@ -410,8 +414,9 @@ class DaliLoader:
     With a `cache` (a `DecodedCache` of the same files and size) the pipeline is fed the
     cached decoded images, filled lazily where missing, and skips decoding and resizing:
     the same images, since the cache holds this loader's own decode and resize.
-    `eval_gain` multiplies the evaluation images (not the training ones), as
-    `pipelines.transforms.get_toolchain(..., eval_gain)` does.
+    `eval_gain` multiplies the evaluation images (not the training ones), and `eval_noise`
+    multiplies them by the training noise instead, as
+    `pipelines.transforms.get_toolchain(..., eval_gain, eval_noise)` does.
     The random draws come from `seed` (DALI's for flips and angles, numpy's for the
     noise on the CPU); each epoch continues the random streams, so epochs differ from each
     other but a loader built with the same seed, sampler order and epoch count repeats them.
@@ -431,13 +436,13 @@ class DaliLoader:
         size: int = 224,
         cache: DecodedCache | None = None,
         eval_gain: float = 1.0,
+        eval_noise: bool = False,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not eval_gain > 0:
-            raise ValueError(f"eval_gain must be > 0, got {eval_gain}")
+        check_eval_intensity(eval_gain, eval_noise)
         self.files = [str(f) for f in files]
         if cache is not None and (cache.files != self.files or cache.size != size):
             raise ValueError(
@@ -454,9 +459,10 @@ class DaliLoader:
         self.size = size
         self.cache = cache
         self.eval_gain = eval_gain
+        self.eval_noise = eval_noise
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         device = dali_device(device_id)
-        cpu_noise = augment and device == "cpu"
+        cpu_noise = (augment or eval_noise) and device == "cpu"
         noise_rng = np.random.default_rng(seed) if cpu_noise else None
         feeds = [DECODED] if cache is not None else [ENCODED, GRAY_FLAG]
         if cpu_noise:
@@ -467,7 +473,7 @@ class DaliLoader:
             feeds,
             lambda fed: loader_graph(
                 fed, cached=cache is not None, augment=augment, device=device, size=size,
-                eval_gain=eval_gain,
+                eval_gain=eval_gain, eval_noise=eval_noise,
             ),
             batch_size=batch_size,
             num_threads=num_threads,

@@ -183,6 +183,28 @@ def test_eval_gain_scales_evaluation_images_only(images, augment):
         epoch(0.0)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_eval_noise_gives_evaluation_images_the_training_noise(images, augment):
+    def epoch(noise: bool, seed: int = 1) -> torch.Tensor:
+        loader = index_loader(images["index"][:5], range(5), augment=augment, seed=seed,
+                              eval_noise=noise)
+        return collect(loader)[0]
+
+    plain, noisy = epoch(False), epoch(True)
+    if augment:
+        assert torch.equal(noisy, plain)
+        return
+    ratio = noisy / plain  # the constant files are > 0 everywhere
+    assert ratio.min() >= 1.2 - 1e-5 and ratio.max() <= 1.5 + 1e-5
+    assert abs(float(ratio.mean()) - 1.35) < 0.002  # 750k values, sd 0.087
+    # every value its own draw: different across the channels of a grayscale-looking file
+    assert float((ratio[:, 0] - ratio[:, 1]).abs().mean()) > 0.05
+    assert torch.equal(epoch(True), noisy) and not torch.equal(epoch(True, seed=2), noisy)
+    with pytest.raises(ValueError, match="not both"):
+        DaliLoader(images["index"], [0] * len(images["index"]), range(1), augment=False,
+                   eval_gain=1.35, eval_noise=True)
+
+
 def test_mismatched_labels_rejected(images):
     with pytest.raises(ValueError, match="labels"):
         DaliLoader(images["index"], [0], range(1), augment=False)
@@ -384,8 +406,7 @@ def test_missing_file_raises_file_not_found_naming_it(images, tmp_path):
 # ----- GPU -------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
+def traced_gpu_graph(cached: bool, augment: bool, eval_noise: bool = False) -> tuple[list, object]:
     """The loader's GPU graph, traced in Python without a GPU: the ops (name, device, inputs'
     devices) and the output node. Building it would need CUDA; tracing it does not.
     ``Pipeline._build_graph`` is DALI 2.4's private step between the definition and the
@@ -393,7 +414,8 @@ def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
     feeds = [dali.DECODED] if cached else [dali.ENCODED, dali.GRAY_FLAG]
     pipe = dali.fed_pipeline(
         dali._EpochSource(lambda indices: ()), feeds,
-        lambda fed: dali.loader_graph(fed, cached=cached, augment=augment, device="gpu", size=SIZE),
+        lambda fed: dali.loader_graph(fed, cached=cached, augment=augment, device="gpu", size=SIZE,
+                                      eval_noise=eval_noise),
         batch_size=4, num_threads=1, device_id=0, seed=0,
     )
     pipe._build_graph()
@@ -402,8 +424,8 @@ def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
 
 
 @pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("augment", [False, True])
-def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augment):
+@pytest.mark.parametrize("augment,eval_noise", [(False, False), (False, True), (True, False)])
+def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augment, eval_noise):
     """The GPU graph cannot run in CI, but its Python side (conditional split/merge around the
     mixed decoders, GPU noise, cache fed through .gpu()) is traced here, and each op must exist
     in DALI's registry for the device it was placed on."""
@@ -411,7 +433,7 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
 
     registered = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()),
                   "mixed": set(_registry.mixed_ops())}
-    ops, output = traced_gpu_graph(cached, augment)
+    ops, output = traced_gpu_graph(cached, augment, eval_noise)
     assert output.device == "gpu"
     for name, device, _inputs in ops:
         assert name in registered[device] or f"_{name}" in registered[device], (name, device)
@@ -423,6 +445,10 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
         assert devices["_conditional__Merge"] == "gpu" and devices["Resize"] == "gpu"
     expected_gpu = {"Transpose"} | ({"Flip", "Rotate", "random__Uniform"} if augment else set())
     assert all(devices[name] == "gpu" for name in expected_gpu), devices
+    if eval_noise:
+        assert [d for n, d, _ in ops if n == "random__Uniform"] == ["gpu"]
+    elif not augment:
+        assert "random__Uniform" not in devices
     if augment:  # the random arguments of flip and rotate stay on the CPU, as DALI requires
         assert devices["random__CoinFlip"] == "cpu"
         assert sorted(d for n, d, _ in ops if n == "random__Uniform") == ["cpu", "gpu"]  # angle, noise

@@ -152,3 +152,28 @@ def test_vgg16dwsep_weights_are_explained_with_their_eval_gain(gain: float, tmp_
     expected = torch.from_numpy(image).permute(0, 3, 1, 2) * gain
     assert torch.allclose(loaded.predictor.model_input(image), expected, atol=1e-6)
     assert ("x1.35" in loaded.weights_note) == (gain != 1.0)
+
+
+def test_vgg16dwsep_weights_selected_with_eval_noise_get_one_fixed_noise_draw(tmp_path: Path) -> None:
+    """--eval-noise models see one seeded U[1.2, 1.5] field, the same for every image and every call."""
+    import numpy as np
+    import torch
+
+    from models.h5io import save_modelo_h5
+    from models.vgg16dwsep import VGG16DWSep
+
+    torch.manual_seed(0)
+    path = save_modelo_h5(tmp_path / "m.h5", VGG16DWSep(input_size=32).eval(), class_names=["NORMAL", "PNEUMONIA"],
+                          metadata={"settings": {"eval_gain": 1.0, "eval_noise": True}})
+    cpu = torch.device("cpu")
+    loaded = models.load_vgg16dwsep(path, random_weights=False, device=cpu, amp=False, seed=3)
+    image = np.ones((2, 32, 32, 3), dtype=np.float32)
+    x = loaded.predictor.model_input(image)
+    assert x.min() >= 1.2 and x.max() <= 1.5 and abs(float(x.mean()) - 1.35) < 0.02
+    assert torch.equal(x[0], x[1]) and torch.equal(loaded.predictor.model_input(image), x)
+    assert float((x[0, 0] - x[0, 1]).abs().mean()) > 0.05  # per value, not per channel
+    again = models.load_vgg16dwsep(path, random_weights=False, device=cpu, amp=False, seed=3)
+    other = models.load_vgg16dwsep(path, random_weights=False, device=cpu, amp=False, seed=4)
+    assert torch.equal(again.predictor.model_input(image), x)
+    assert not torch.equal(other.predictor.model_input(image), x)
+    assert "--eval-noise" in loaded.weights_note

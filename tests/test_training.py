@@ -81,6 +81,22 @@ def test_summary_records_the_precision_used(small_set, tmp_path):
     assert written["precision"] == "fp32 + channels-last" and written["eval_gain"] == 1.0
 
 
+def test_eval_noise_is_recorded_and_reused_by_eval_only(small_set, tmp_path):
+    from models.training import evaluate_weights
+
+    settings = settings_for(small_set, tmp_path, epochs=1, tta=(), eval_noise=True)
+    summary = train(settings, torch.device("cpu"))
+    assert summary["eval_noise"] is True and summary["eval_gain"] == 1.0
+    meta = read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]
+    assert meta["settings"]["eval_noise"] is True and "MultiplicativeNoise" in meta["eval_transform"]
+    plain = settings_for(small_set, tmp_path, tta=())
+    cpu = torch.device("cpu")
+    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu)["eval_noise"] is True  # as trained
+    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu, eval_noise=False)["eval_noise"] is False
+    overridden = evaluate_weights(plain, tmp_path / "modelo.h5", cpu, eval_gain=1.35)
+    assert (overridden["eval_noise"], overridden["eval_gain"]) == (False, 1.35)
+
+
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -115,6 +131,7 @@ def test_resume_after_kill_9_loses_at_most_the_epoch_in_progress(small_set, tmp_
     (["--data-dir", "/nonexistent/xray"], "/nonexistent/xray"),
     (["--data-dir", ".", "--epochs", "0"], "--epochs"),
     (["--data-dir", ".", "--eval-only"], "--weights"),
+    (["--data-dir", ".", "--eval-noise", "--eval-gain", "1.35"], "not both"),
 ])
 def test_cli_errors_are_one_clear_line(argv, fragment, capsys):
     assert main(argv) == 2

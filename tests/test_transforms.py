@@ -153,6 +153,31 @@ def test_eval_gain_scales_only_the_evaluation_transform():
         get_toolchain(eval_gain=0)
 
 
+@pytest.mark.parametrize("name", ["cv2", "plain"])
+def test_eval_noise_multiplies_each_evaluation_value_by_its_own_training_draw(name):
+    path = real_files(FULLRES, n=1)[0]
+    plain, noisy = get_toolchain(name), get_toolchain(name, eval_noise=True)
+    x = plain.eval(plain.loader(path))
+    torch.manual_seed(0)
+    y = noisy.eval(noisy.loader(path))
+    lit = x > 0.05
+    ratio = y[lit] / x[lit]
+    assert ratio.min() >= transforms.NOISE_LOW - 1e-6 and ratio.max() <= transforms.NOISE_HIGH + 1e-6
+    assert abs(float(ratio.mean()) - transforms.NOISE_MEAN) < 0.005  # ~10^5 values, sd 0.087
+    assert float((ratio[1:] - ratio[:-1]).abs().mean()) > 0.05  # its own draw per value, not one gain
+    torch.manual_seed(0)
+    assert torch.equal(noisy.eval(noisy.loader(path)), y)  # torch's seed fixes it
+    torch.manual_seed(0)
+    a = plain.train(plain.loader(path))
+    torch.manual_seed(0)
+    assert torch.equal(noisy.train(noisy.loader(path)), a)  # training transform untouched
+
+
+def test_eval_noise_and_gain_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        get_toolchain(eval_gain=1.35, eval_noise=True)
+
+
 def test_loader_benchmark_counts_every_batch_but_the_first_and_refuses_one_batch():
     from pipelines.bench import loader_images_per_s
 

@@ -1,0 +1,95 @@
+"""Why a modelo.h5 errs on the test split: its test metrics under several evaluation intensities, with
+two diagnostics that no project command reports because they look at test labels.
+
+Rows (one pass each over the test images, decoded and resized by the project's evaluation transform):
+  x1.35, no noise                 what ``train.py --eval-only --eval-gain 1.35`` measures
+  noise, one copy                 what ``--eval-noise`` measures (another seed: its own draw)
+  noise, mean of D copies         the noise alone averaged (no flips, no rotations: not the TTA of train.py)
+  noise, each image at mean M     every test image rescaled to the training split's mean gray level first
+Columns: the metrics at the 0.5 threshold, then ``oracle acc`` (the accuracy of the best threshold chosen ON
+THE TEST LABELS: a ceiling for any recalibration, never a result) and ``r(p, mean) NORMAL`` (the correlation
+between P(PNEUMONIA) and the image's mean gray level over the test NORMAL images: does brightness drive the
+errors?).
+
+    .venv/bin/python scripts/test_shift_diagnostics.py --weights out/full_cpu/modelo.h5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.engine import classification_metrics, precision_options, predict  # noqa: E402
+from models.h5io import load_modelo_h5  # noqa: E402
+from pipelines.data import index_dataset  # noqa: E402
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain  # noqa: E402
+from report import markdown_table  # noqa: E402
+
+BATCH = 32
+
+
+def oracle_accuracy(labels: np.ndarray, p: np.ndarray) -> float:
+    """Accuracy at the best threshold on these labels (diagnostic ceiling, not a result)."""
+    fpr, tpr, _ = roc_curve(labels, p)
+    positives = int((labels == 1).sum())
+    return float(((tpr * positives + (1 - fpr) * (len(labels) - positives)) / len(labels)).max())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--data-dir", default="../shared/data/chest_xray_224")
+    parser.add_argument("--copies", type=int, default=8, metavar="D")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    model, _ = load_modelo_h5(args.weights, device)
+    opts = precision_options(device, use_amp=True)
+    index = index_dataset(args.data_dir)
+    chain = get_toolchain()
+    images = torch.stack([chain.eval(chain.loader(path)) for path, _ in index.test.samples])
+    labels = torch.as_tensor(index.test.targets)
+    means = images.mean(dim=(1, 2, 3))
+    train_files = index.train.samples[:: max(1, len(index.train) // 600)]
+    train_mean = float(np.mean([float(chain.eval(chain.loader(path)).mean()) for path, _ in train_files]))
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def noise() -> torch.Tensor:
+        return NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(images.shape, generator=generator)
+
+    def probabilities(x: torch.Tensor) -> np.ndarray:
+        batches = [(x[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+        probs, _y, _loss = predict(model, batches, device, **opts)
+        return probs
+
+    rows: dict[str, np.ndarray] = {f"x{NOISE_MEAN:g}, no noise": probabilities(images * NOISE_MEAN)}
+    copies = [probabilities(images * noise()) for _ in range(args.copies)]
+    rows["noise, one copy"] = copies[0]
+    rows[f"noise, mean of {args.copies} copies"] = np.mean(copies, axis=0)
+    rescaled = images * (train_mean / means).view(-1, 1, 1, 1)
+    rows[f"noise, each image at mean {train_mean:.3f}"] = probabilities(rescaled * noise())
+    y = labels.numpy()
+    normal = y == 0
+    table = []
+    for name, probs in rows.items():
+        m = classification_metrics(y, probs)
+        r = float(np.corrcoef(probs[normal, 1], means.numpy()[normal])[0, 1])
+        table.append({"evaluation images": name, "accuracy": f"{m['accuracy']:.3f}", "F1": f"{m['f1']:.3f}",
+                      "specificity": f"{m['specificity']:.3f}", "ROC AUC": f"{m['roc_auc']:.3f}",
+                      "oracle acc": f"{oracle_accuracy(y, probs[:, 1]):.3f}", "r(p, mean) NORMAL": f"{r:.2f}"})
+    print(f"{args.weights} on {len(y)} test images of {args.data_dir}; training split mean gray level "
+          f"{train_mean:.3f} ({len(train_files)} files), test NORMAL {float(means[normal].mean()):.3f}, "
+          f"test PNEUMONIA {float(means[~normal].mean()):.3f}")
+    print(markdown_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

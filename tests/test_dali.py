@@ -183,11 +183,15 @@ def test_eval_gain_scales_evaluation_images_only(images, augment):
         epoch(0.0)
 
 
+@pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("augment", [False, True])
-def test_eval_noise_gives_evaluation_images_the_training_noise(images, augment):
+def test_eval_noise_gives_evaluation_images_the_training_noise(images, augment, cached):
+    files = images["index"][:5]
+    cache = DecodedCache(files) if cached else None
+
     def epoch(noise: bool, seed: int = 1) -> torch.Tensor:
-        loader = index_loader(images["index"][:5], range(5), augment=augment, seed=seed,
-                              eval_noise=noise)
+        loader = index_loader(files, range(5), augment=augment, seed=seed, eval_noise=noise,
+                              cache=cache)
         return collect(loader)[0]
 
     plain, noisy = epoch(False), epoch(True)

@@ -3,7 +3,7 @@
     python train.py --data-dir DIR                       # train (CUDA when present), then test
     python train.py --data-dir DIR --loader dali         # DALI input pipeline (GPU on CUDA, else CPU)
     python train.py --data-dir DIR --resume              # continue after a crash / kill -9
-    python train.py --data-dir DIR --eval-noise          # validate and test with the training noise (README)
+    python train.py --data-dir DIR --eval-only --weights modelo.h5 --eval-noise   # test images with the training noise
     python train.py --data-dir DIR --eval-only --weights modelo.h5 --tta 8 --json
     python train.py --data-dir DIR --check-data          # index, count, list skipped files, exit
     python train.py --count-params                       # parameters and step times, both variants
@@ -125,9 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "--eval-only: the value the model was trained with)")
     ev.add_argument("--eval-noise", action=argparse.BooleanOptionalAction, default=None,
                     help="multiply each value of the evaluation images by its own U[1.2, 1.5] draw, the "
-                         "training noise (step 5), seeded: removes the brightness and the texture shift "
-                         "between training and evaluation images (default: off, the brief's transform; with "
-                         "--eval-only: what the model was trained with)")
+                         "training noise (step 5), seeded by --seed (for a given --num-workers): moves this "
+                         "network's answers toward NORMAL; validation did not prefer it over --eval-gain 1.35 "
+                         "(README, 'Train/test brightness') (default: off, the brief's transform; with "
+                         "--eval-only: what the model was trained with; --no-eval-noise keeps its gain)")
     p.add_argument("--count-params", action="store_true",
                    help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     return p

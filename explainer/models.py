@@ -95,8 +95,10 @@ class TorchPredictor:
         self.std = None if std is None else torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.multiplier = None if multiplier is None else torch.as_tensor(multiplier, dtype=torch.float32,
                                                                           device=self.device)
-        if self.multiplier is not None and self.multiplier.ndim not in (0, 3):
-            raise ValueError(f"multiplier must be a number or a 3 x H x W tensor, got {tuple(self.multiplier.shape)}")
+        if self.multiplier is not None and self.multiplier.ndim != 0 \
+                and tuple(self.multiplier.shape) != (3, input_size, input_size):
+            raise ValueError(f"multiplier must be a number or a 3 x {input_size} x {input_size} tensor, "
+                             f"got shape {tuple(self.multiplier.shape)}")
 
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """N x 3 x input_size x input_size float32 on the device, channels-last."""

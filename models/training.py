@@ -214,14 +214,16 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
                 eval_intensity_label(settings.eval_gain, settings.eval_noise))
     if settings.eval_gain == 1 and not settings.eval_noise and not settings.demo:
         logger.warning("validation and test images get /255 only while the training noise makes training images "
-                       "%.2fx brighter on average and grainy; the network learns both, so --eval-noise (the "
-                       "training noise on evaluation images) or --eval-gain %.2f usually selects and scores "
-                       "the model better (README, 'Train/test brightness')", NOISE_MEAN, NOISE_MEAN)
+                       "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
+                       "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
+                       "brightness')", NOISE_MEAN, NOISE_MEAN)
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
         tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
-        va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
+        with torch.random.fork_rng(devices=[]):  # --eval-noise with 0 workers: leave training's stream alone
+            torch.manual_seed(settings.seed * 1_000_003 + epoch)
+            va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
         improved = run.stopper.mejor(va["loss"])
         stop = run.stopper.deberia_parar(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
@@ -272,6 +274,7 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
     n = len(index.test)
     caches = {} if caches is None else caches
     plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device, caches=caches)
+    torch.manual_seed(settings.seed)  # --eval-noise: the same draws every time (for a given --num-workers)
     probs, labels, loss = predict_all(model, plain, device, n, **opts)
     results = {"no_tta": classification_metrics(labels, probs) | {"loss": loss}}
     for d in settings.tta:
@@ -290,15 +293,17 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
 
 def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None,
                      eval_noise: bool | None = None) -> dict:
-    """Test metrics of a modelo.h5.  With neither ``eval_gain`` nor ``eval_noise`` given, its
-    evaluation images are scaled as the model was trained with (its ``--eval-gain`` or
-    ``--eval-noise``); giving either replaces both."""
+    """Test metrics of a modelo.h5.  What is not given comes from the model's own settings: with
+    neither, its evaluation images are scaled as it was trained with (its ``--eval-gain`` or
+    ``--eval-noise``); ``eval_noise=True`` alone means gain 1; ``eval_gain`` alone means no noise;
+    ``eval_noise=False`` alone keeps the model's gain."""
     model, meta = load_modelo_h5(weights, device=device)
     trained = meta.get("metadata", {}).get("settings", {})
-    if eval_gain is None and eval_noise is None:
-        eval_gain, eval_noise = float(trained.get("eval_gain", 1.0)), bool(trained.get("eval_noise", False))
-    settings = dataclasses.replace(settings, eval_gain=1.0 if eval_gain is None else eval_gain,
-                                   eval_noise=bool(eval_noise))
+    if eval_noise is None:
+        eval_noise = False if eval_gain is not None else bool(trained.get("eval_noise", False))
+    if eval_gain is None:
+        eval_gain = 1.0 if eval_noise else float(trained.get("eval_gain", 1.0))
+    settings = dataclasses.replace(settings, eval_gain=eval_gain, eval_noise=eval_noise)
     index = index_dataset(settings.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "

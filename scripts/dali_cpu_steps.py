@@ -2,8 +2,9 @@
 
 Each row is the DALI CPU training loader (``pipelines.dali.DaliLoader``, augment=True) over the same files, with
 ``pipelines.dali.train_graph`` replaced by a reduced graph; CPU ms per image counts every thread of the process
-(DALI's and the feeding thread, which draws the noise with numpy), so the differences between rows are what
-each step costs. The first row runs twice and its first (warm-up) run is dropped.
+(DALI's and the feeding thread), so the differences between rows are what each step costs. Every row is fed
+the numpy noise draws of the real loader (0.29 ms per image), used or not: the "+ noise" row measures the
+multiplication only. The first row runs twice and its first (warm-up) run is dropped.
 
     .venv/bin/python scripts/dali_cpu_steps.py                      # 224 set, 400 files x 3, batch 64, 2 threads
     .venv/bin/python scripts/dali_cpu_steps.py --data ../shared/data/chest_xray_fullres --files 160

@@ -1,5 +1,7 @@
 """Why a modelo.h5 errs on the test split: its test metrics under several evaluation intensities, with
-two diagnostics that no project command reports because they look at test labels.
+two diagnostics that no project command reports because they look at test labels; and, for comparison,
+the validation split (epoch 0's ``ReplicarMuestreoDePrueba`` order of the run's seed) under the same
+intensities, the only data on which a choice between them may be made.
 
 Rows (one pass each over the test images, decoded and resized by the project's evaluation transform):
   x1.35, no noise                 what ``train.py --eval-only --eval-gain 1.35`` measures
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.engine import classification_metrics, precision_options, predict  # noqa: E402
 from models.h5io import load_modelo_h5  # noqa: E402
 from pipelines.data import index_dataset  # noqa: E402
+from pipelines.loaders import make_samplers  # noqa: E402
 from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain  # noqa: E402
 from report import markdown_table  # noqa: E402
 
@@ -50,44 +53,64 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device("cpu")
-    model, _ = load_modelo_h5(args.weights, device)
+    model, meta = load_modelo_h5(args.weights, device)
     opts = precision_options(device, use_amp=True)
     index = index_dataset(args.data_dir)
     chain = get_toolchain()
-    images = torch.stack([chain.eval(chain.loader(path)) for path, _ in index.test.samples])
+
+    def load(paths: list[str]) -> torch.Tensor:
+        return torch.stack([chain.eval(chain.loader(path)) for path in paths])
+
+    images = load([path for path, _ in index.test.samples])
     labels = torch.as_tensor(index.test.targets)
     means = images.mean(dim=(1, 2, 3))
     train_files = index.train.samples[:: max(1, len(index.train) // 600)]
-    train_mean = float(np.mean([float(chain.eval(chain.loader(path)).mean()) for path, _ in train_files]))
+    train_mean = float(load([path for path, _ in train_files]).mean())
     generator = torch.Generator().manual_seed(args.seed)
 
-    def noise() -> torch.Tensor:
-        return NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(images.shape, generator=generator)
+    def noise(shape: torch.Size) -> torch.Tensor:
+        return NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(shape, generator=generator)
 
-    def probabilities(x: torch.Tensor) -> np.ndarray:
-        batches = [(x[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+    def probabilities(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)]
         probs, _y, _loss = predict(model, batches, device, **opts)
         return probs
 
-    rows: dict[str, np.ndarray] = {f"x{NOISE_MEAN:g}, no noise": probabilities(images * NOISE_MEAN)}
-    copies = [probabilities(images * noise()) for _ in range(args.copies)]
+    rows: dict[str, np.ndarray] = {f"x{NOISE_MEAN:g}, no noise": probabilities(images * NOISE_MEAN, labels)}
+    copies = [probabilities(images * noise(images.shape), labels) for _ in range(args.copies)]
     rows["noise, one copy"] = copies[0]
     rows[f"noise, mean of {args.copies} copies"] = np.mean(copies, axis=0)
     rescaled = images * (train_mean / means).view(-1, 1, 1, 1)
-    rows[f"noise, each image at mean {train_mean:.3f}"] = probabilities(rescaled * noise())
+    rows[f"noise, each image at mean {train_mean:.3f}"] = probabilities(rescaled * noise(images.shape), labels)
     y = labels.numpy()
     normal = y == 0
     table = []
     for name, probs in rows.items():
         m = classification_metrics(y, probs)
         r = float(np.corrcoef(probs[normal, 1], means.numpy()[normal])[0, 1])
-        table.append({"evaluation images": name, "accuracy": f"{m['accuracy']:.3f}", "F1": f"{m['f1']:.3f}",
+        table.append({"test images": name, "accuracy": f"{m['accuracy']:.3f}", "F1": f"{m['f1']:.3f}",
                       "specificity": f"{m['specificity']:.3f}", "ROC AUC": f"{m['roc_auc']:.3f}",
                       "oracle acc": f"{oracle_accuracy(y, probs[:, 1]):.3f}", "r(p, mean) NORMAL": f"{r:.2f}"})
     print(f"{args.weights} on {len(y)} test images of {args.data_dir}; training split mean gray level "
           f"{train_mean:.3f} ({len(train_files)} files), test NORMAL {float(means[normal].mean()):.3f}, "
           f"test PNEUMONIA {float(means[~normal].mean()):.3f}")
     print(markdown_table(table))
+
+    trained = meta.get("metadata", {}).get("settings", {})
+    seed = int(trained.get("seed", 0))
+    samplers = make_samplers(index, seed, float(trained.get("val_fraction", 0.2)), trained.get("train_subset"))
+    order = np.fromiter(samplers.val, dtype=np.int64)
+    unique, position = np.unique(order, return_inverse=True)
+    val_images = load([index.train.samples[i][0] for i in unique])[torch.from_numpy(position)]
+    val_labels = torch.as_tensor(np.asarray(index.train.targets)[order])
+    val_table = []
+    for name, x in ((f"x{NOISE_MEAN:g}, no noise", val_images * NOISE_MEAN),
+                    ("noise, one copy", val_images * noise(val_images.shape))):
+        m = classification_metrics(val_labels.numpy(), probabilities(x, val_labels))
+        val_table.append({"validation images": name, "accuracy": f"{m['accuracy']:.3f}", "F1": f"{m['f1']:.3f}",
+                          "specificity": f"{m['specificity']:.3f}", "ROC AUC": f"{m['roc_auc']:.3f}"})
+    print(f"\nvalidation: {len(order)} draws ({len(unique)} images) in the epoch-0 ReplicarMuestreoDePrueba order, seed {seed}")
+    print(markdown_table(val_table))
     return 0
 
 

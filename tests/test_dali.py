@@ -449,8 +449,10 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
         assert devices["_conditional__Merge"] == "gpu" and devices["Resize"] == "gpu"
     expected_gpu = {"Transpose"} | ({"Flip", "Rotate", "random__Uniform"} if augment else set())
     assert all(devices[name] == "gpu" for name in expected_gpu), devices
-    if eval_noise:
-        assert [d for n, d, _ in ops if n == "random__Uniform"] == ["gpu"]
+    arithmetic = [(d, inputs) for n, d, inputs in ops if n == "_ArithmeticGenericOp"]
+    assert arithmetic and all(d == "gpu" and set(inputs) == {"gpu"} for d, inputs in arithmetic), arithmetic
+    if eval_noise:  # /255, then x noise drawn on the GPU
+        assert [d for n, d, _ in ops if n == "random__Uniform"] == ["gpu"] and len(arithmetic) == 2
     elif not augment:
         assert "random__Uniform" not in devices
     if augment:  # the random arguments of flip and rotate stay on the CPU, as DALI requires

@@ -177,3 +177,16 @@ def test_vgg16dwsep_weights_selected_with_eval_noise_get_one_fixed_noise_draw(tm
     assert torch.equal(again.predictor.model_input(image), x)
     assert not torch.equal(other.predictor.model_input(image), x)
     assert "--eval-noise" in loaded.weights_note
+
+
+def test_lime_predictor_rejects_a_multiplier_of_the_wrong_shape() -> None:
+    import torch
+
+    from models.vgg16dwsep import VGG16DWSep
+
+    net = VGG16DWSep(input_size=32)
+    for shape in ((3, 1, 1), (3, 16, 16), (32, 32)):
+        with pytest.raises(ValueError, match="3 x 32 x 32"):
+            models.TorchPredictor(net, "cpu", 32, multiplier=torch.ones(shape))
+    models.TorchPredictor(net, "cpu", 32, multiplier=1.35)
+    models.TorchPredictor(net, "cpu", 32, multiplier=torch.ones(3, 32, 32))

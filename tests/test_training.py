@@ -81,7 +81,7 @@ def test_summary_records_the_precision_used(small_set, tmp_path):
     assert written["precision"] == "fp32 + channels-last" and written["eval_gain"] == 1.0
 
 
-def test_eval_noise_is_recorded_and_reused_by_eval_only(small_set, tmp_path):
+def test_eval_noise_is_recorded_reused_by_eval_only_and_seeded(small_set, tmp_path):
     from models.training import evaluate_weights
 
     settings = settings_for(small_set, tmp_path, epochs=1, tta=(), eval_noise=True)
@@ -89,12 +89,29 @@ def test_eval_noise_is_recorded_and_reused_by_eval_only(small_set, tmp_path):
     assert summary["eval_noise"] is True and summary["eval_gain"] == 1.0
     meta = read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]
     assert meta["settings"]["eval_noise"] is True and "MultiplicativeNoise" in meta["eval_transform"]
-    plain = settings_for(small_set, tmp_path, tta=())
-    cpu = torch.device("cpu")
-    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu)["eval_noise"] is True  # as trained
-    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu, eval_noise=False)["eval_noise"] is False
-    overridden = evaluate_weights(plain, tmp_path / "modelo.h5", cpu, eval_gain=1.35)
-    assert (overridden["eval_noise"], overridden["eval_gain"]) == (False, 1.35)
+    plain, cpu, weights = settings_for(small_set, tmp_path, tta=()), torch.device("cpu"), tmp_path / "modelo.h5"
+
+    def evaluated(**kw) -> tuple[bool, float, float]:
+        result = evaluate_weights(plain, weights, cpu, **kw)
+        return result["eval_noise"], result["eval_gain"], result["test"]["no_tta"]["loss"]
+
+    noisy = evaluated()  # as trained
+    assert noisy[:2] == (True, 1.0)
+    assert evaluated() == noisy  # the same draws again
+    clean = evaluated(eval_noise=False)
+    assert clean[:2] == (False, 1.0) and clean[2] != pytest.approx(noisy[2], rel=1e-4)  # the noise reached the images
+    assert evaluated(eval_gain=1.35)[:2] == (False, 1.35)
+
+
+def test_no_eval_noise_keeps_the_gain_a_model_was_trained_with(small_set, tmp_path):
+    from models.training import evaluate_weights
+
+    train(settings_for(small_set, tmp_path, epochs=1, tta=(), eval_gain=1.35), torch.device("cpu"))
+    plain, cpu, weights = settings_for(small_set, tmp_path, tta=()), torch.device("cpu"), tmp_path / "modelo.h5"
+    kept = evaluate_weights(plain, weights, cpu, eval_noise=False)
+    assert (kept["eval_noise"], kept["eval_gain"]) == (False, 1.35)
+    noisy = evaluate_weights(plain, weights, cpu, eval_noise=True)
+    assert (noisy["eval_noise"], noisy["eval_gain"]) == (True, 1.0)
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:

@@ -70,8 +70,9 @@ class Settings:
             raise ValueError(f"--tta values must be >= 1, got {list(self.tta)}")
         if not self.eval_gain > 0:
             raise ValueError(f"--eval-gain must be > 0, got {self.eval_gain}")
-        if self.eval_noise and self.eval_gain != 1.0:
-            raise ValueError("give --eval-noise or --eval-gain, not both (the noise's mean already is 1.35)")
+        from pipelines.transforms import check_eval_intensity
+
+        check_eval_intensity(self.eval_gain, self.eval_noise)  # --eval-noise and --eval-gain exclusive
         if self.train_subset is not None and self.train_subset < 8:
             raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
 

@@ -30,7 +30,7 @@ from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
-from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain, noise_field
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +244,7 @@ def eval_multiplier(trained: dict, size: int, seed: int) -> tuple[float | torch.
     is one seeded draw shared by every perturbed image, so the model's answers differ between
     perturbations only by the superpixels switched off."""
     if trained.get("eval_noise", False):
-        generator = torch.Generator().manual_seed(seed)
-        noise = NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand((3, size, size), generator=generator)
+        noise = noise_field((3, size, size), torch.Generator().manual_seed(seed))
         return noise, f", inputs x one U[{NOISE_LOW:g}, {NOISE_HIGH:g}] draw per value (its --eval-noise, seed {seed})"
     gain = float(trained.get("eval_gain", 1.0))
     if gain != 1.0:

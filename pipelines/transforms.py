@@ -44,6 +44,12 @@ def draw_angle() -> float:
     return float(torch.empty(()).uniform_(-MAX_ANGLE, MAX_ANGLE))
 
 
+def noise_field(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 values drawn uniformly in [NOISE_LOW, NOISE_HIGH] from ``generator`` (a fixed,
+    seeded draw of step 5's multipliers, for diagnostics and LIME)."""
+    return NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(shape, generator=generator)
+
+
 class MultiplicativeNoise(torch.nn.Module):
     """Multiply every value of a C x H x W tensor by its own U[low, high] number."""
 

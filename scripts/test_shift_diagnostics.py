@@ -31,7 +31,7 @@ from models.engine import classification_metrics, precision_options, predict  # 
 from models.h5io import load_modelo_h5  # noqa: E402
 from pipelines.data import index_dataset  # noqa: E402
 from pipelines.loaders import make_samplers  # noqa: E402
-from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain  # noqa: E402
+from pipelines.transforms import NOISE_MEAN, get_toolchain, noise_field  # noqa: E402
 from report import markdown_table  # noqa: E402
 
 BATCH = 32
@@ -69,7 +69,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(args.seed)
 
     def noise(shape: torch.Size) -> torch.Tensor:
-        return NOISE_LOW + (NOISE_HIGH - NOISE_LOW) * torch.rand(shape, generator=generator)
+        return noise_field(shape, generator)
 
     def probabilities(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)]

@@ -53,7 +53,7 @@ if [ "$CPU" = 1 ]; then
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --json
 else
   step count_params 90 $PY train.py --count-params --device cuda --batch-size 64
-  step bench 170 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 --n224 2000 \
+  step bench 170 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 60 --n224 500 \
        --batch-sizes 64 256 --json "$OUT/bench.json"
   step train 240 $PY train.py --data-dir "$DATA/chest_xray_224" --loader "$LOADER" --no-pretrained \
        --eval-gain 1.35 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 --out "$OUT/run" \

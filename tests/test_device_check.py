@@ -35,6 +35,17 @@ def test_gpu_part_has_the_same_steps_within_the_device_budget() -> None:
     assert sum(limit for _, limit in gpu) <= GPU_BUDGET_S, gpu
 
 
+def test_gpu_bench_gives_every_loader_enough_timed_batches() -> None:
+    """The loader benchmark leaves out one batch per worker (pipelines.bench.warmup_batches); on a
+    machine of up to 32 cores the full-resolution files (160) must still leave most batches timed."""
+    text = (ROOT / "scripts" / "device_check.sh").read_text()
+    gpu_part = text.split("\nelse\n", 1)[1]
+    bench = re.search(r"step bench \d+ (.*?)--json", gpu_part, re.S).group(1)
+    repeats = int(re.search(r"--repeats (\d+)", bench).group(1))
+    largest_batch = max(int(b) for b in re.search(r"--batch-sizes ([\d ]+)", bench).group(1).split())
+    assert 160 * repeats // largest_batch >= 32 + 5, (repeats, largest_batch)
+
+
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not (DATA / "chest_xray_224").is_dir(), reason="needs ../shared/data")
 def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) -> None:

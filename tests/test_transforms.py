@@ -178,12 +178,33 @@ def test_eval_noise_and_gain_are_exclusive():
         get_toolchain(eval_gain=1.35, eval_noise=True)
 
 
-def test_loader_benchmark_counts_every_batch_but_the_first_and_refuses_one_batch():
-    from pipelines.bench import loader_images_per_s
+def test_loader_benchmark_times_from_the_warmup_batch_and_refuses_too_few(monkeypatch):
+    import pipelines.bench as bench
 
-    batches = [(torch.zeros(n, 3, 4, 4), torch.zeros(n)) for n in (16, 16, 5)]
-    assert loader_images_per_s(batches) > 0
-    with pytest.raises(ValueError, match="at least two batches"):
-        loader_images_per_s(batches[:1])
-    with pytest.raises(ValueError, match="at least two batches"):
-        loader_images_per_s([])
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def loader(sizes):
+        for n in sizes:
+            clock[0] += 1.0  # each batch takes one second to arrive
+            yield torch.zeros(n, 3, 4, 4), torch.zeros(n)
+
+    sizes = (16, 16, 16, 5)
+    assert bench.loader_images_per_s(loader(sizes)) == pytest.approx((16 + 16 + 5) / 3)
+    assert bench.loader_images_per_s(loader(sizes), warmup=2) == pytest.approx((16 + 5) / 2)
+    with pytest.raises(ValueError, match="more than 1 batches"):
+        bench.loader_images_per_s(loader(sizes[:1]))
+    with pytest.raises(ValueError, match="more than 4 batches"):
+        bench.loader_images_per_s(loader(sizes), warmup=4)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.loader_images_per_s(loader(sizes), warmup=0)
+
+
+def test_loader_benchmark_leaves_out_one_batch_per_worker():
+    from pipelines.bench import folder_dataset, warmup_batches
+    from pipelines.loaders import TorchvisionLoader
+
+    dataset = folder_dataset(["a", "b"], lambda f: f, lambda x: 0)
+    for workers, expected in ((0, 1), (1, 1), (2, 2)):
+        assert warmup_batches(TorchvisionLoader(dataset, [0, 1], num_workers=workers)) == expected
+    assert warmup_batches([]) == 1

@@ -26,7 +26,7 @@ def branch_steps(cpu: bool) -> list[tuple[str, int]]:
     text = (ROOT / "scripts" / "device_check.sh").read_text()
     body = text.split('if [ "$CPU" = 1 ]; then', 1)[1].split("\nfi\n", 1)[0]
     cpu_part, gpu_part = body.split("\nelse\n", 1)
-    return [(name, int(limit)) for name, limit in re.findall(r"^\s*step (\w+) (\d+) ", cpu_part if cpu else gpu_part, re.M)]
+    return [(name, int(limit)) for name, limit in re.findall(r"^\s*step[ _](\w+) (\d+) ", cpu_part if cpu else gpu_part, re.M)]
 
 
 def test_gpu_part_has_the_same_steps_within_the_device_budget() -> None:
@@ -68,3 +68,45 @@ def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) ->
         "eval_noise": (1.0, True), "eval_brief_transform": (1.0, False)}
     bench = json.loads((out / "bench.json").read_text())
     assert any("DALI CPU" in json.dumps(row) for row in bench.get("loaders", bench))
+
+
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in for python that logs its arguments, says DALI imports and fails a DALI training
+    (after logging an epoch); everything else succeeds at once."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> "{tmp_path}/calls.txt"
+case "$*" in
+  -c*) exit 0 ;;
+  *train.py*--loader\\ dali*) case "$*" in *--eval-only*) exit 0 ;; esac
+       mkdir -p "$OUT/run" && echo '{{"epoch": 0}}' > "$OUT/run/log.jsonl"
+       echo "Error: DALI exploded" >&2; exit 1 ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+def run_with_fake_python(tmp_path: Path) -> tuple[str, list[str], list[str]]:
+    out = tmp_path / "dc"
+    env = os.environ | {"DEVICE_CHECK_CPU": "1", "OUT": str(out), "DATA": str(DATA), "DEVICE_CHECK_GPU_PY": "1",
+                        "PY": str(fake_python(tmp_path))}
+    done = subprocess.run(["bash", "scripts/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with tarfile.open(out / "logs.tgz") as logs:
+        names = logs.getnames()
+    return (out / "summary.txt").read_text(), names, (tmp_path / "calls.txt").read_text().splitlines()
+
+
+def test_a_failed_dali_training_leaves_its_time_to_torchvision(tmp_path: Path) -> None:
+    summary, logs, calls = run_with_fake_python(tmp_path)
+    trains = [c for c in calls if "train.py" in c and "--eval-only" not in c and "--count-params" not in c]
+    assert len(trains) == 2 and "--loader dali" in trains[0] and "--loader torchvision" in trains[1], trains
+    assert trains[0].replace("--loader dali", "--loader torchvision") == trains[1]  # same run otherwise
+    assert "(train: rc=1," in summary and "(train_torchvision: rc=0," in summary, summary
+    assert "./train_dali_epochs.log" in logs and "./train.log" in logs  # the failure travels back
+    noise_eval = next(c for c in calls if "--eval-noise" in c)
+    assert "--loader torchvision" in noise_eval  # the weights it evaluates came from torchvision
+

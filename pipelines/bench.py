@@ -216,10 +216,12 @@ def format_transform_table(rows: list[ChainTiming]) -> str:
 def format_rows(title: str, rows: list[dict]) -> str:
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has, in order of appearance
     out = [f"\n## {title}\n", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        out.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        cells = (r.get(k, "") for k in keys)
+        out.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else "" if v is None else str(v)
+                                     for v in cells) + " |")
     return "\n".join(out)
 
 

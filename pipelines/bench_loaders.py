@@ -61,13 +61,28 @@ def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeat
         baselines: dict[int, float] = {}
         for batch_size in batch_sizes:
             for name, factory in loader_factories(workers).items():
-                ips = loader_images_per_s(factory(files, order, batch_size))
+                row = {"data": ds_name, "loader": name, "batch": batch_size, "workers": workers, "images": len(order)}
+                try:
+                    ips = loader_images_per_s(factory(files, order, batch_size))
+                except Exception as err:  # noqa: BLE001 - one failing back end must not cost the other rows
+                    logger.exception("%s, %s, batch %d failed", ds_name, name, batch_size)
+                    rows.append(row | {"images_per_s": None, "x_plain": None, "error": failure(err)})
+                    continue
                 baselines.setdefault(batch_size, ips)
-                rows.append({"data": ds_name, "loader": name, "batch": batch_size, "workers": workers,
-                             "images": len(order), "images_per_s": ips, "x_plain": ips / baselines[batch_size]})
+                rows.append(row | {"images_per_s": ips, "x_plain": ips / baselines[batch_size]})
                 logger.info("%s, %s, batch %d: %.1f img/s", ds_name, name, batch_size, ips)
-        rows += cached_rows(ds_name, files, batch_sizes, repeats, workers, baselines)
+        try:
+            rows += cached_rows(ds_name, files, batch_sizes, repeats, workers, baselines)
+        except Exception as err:  # noqa: BLE001
+            logger.exception("%s, decoded-cache loaders failed", ds_name)
+            rows.append({"data": ds_name, "loader": "decoded-cache loaders", "error": failure(err)})
     return rows
+
+
+def failure(err: BaseException) -> str:
+    """One line for a benchmark row: the exception's type and the start of its message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:160]}"
 
 
 def cached_rows(ds_name: str, files: list[str], batch_sizes: list[int], repeats: int, workers: int,

@@ -208,3 +208,25 @@ def test_loader_benchmark_leaves_out_one_batch_per_worker():
     for workers, expected in ((0, 1), (1, 1), (2, 2)):
         assert warmup_batches(TorchvisionLoader(dataset, [0, 1], num_workers=workers)) == expected
     assert warmup_batches([]) == 1
+
+
+def test_loader_benchmark_reports_a_failing_back_end_and_measures_the_others(monkeypatch):
+    import pipelines.bench_loaders as bl
+    from pipelines.bench import format_rows
+
+    def working(files, order, batch_size):
+        return [(torch.zeros(batch_size, 3, 4, 4), torch.zeros(batch_size)) for _ in range(4)]
+
+    def broken(files, order, batch_size):
+        raise RuntimeError("[/opt/dali/pipeline.cc:42] CUDA error:\n  no kernel image")
+
+    monkeypatch.setattr(bl, "loader_factories", lambda workers: {"plain": working, "DALI GPU": broken, "ours": working})
+    monkeypatch.setattr(bl, "cached_rows", lambda *a: (_ for _ in ()).throw(OSError("no cache")))
+    rows = bl.bench_loaders({"set": ["f"] * 8}, [2], repeats=1, workers=1)
+    assert [r["loader"] for r in rows] == ["plain", "DALI GPU", "ours", "decoded-cache loaders"]
+    assert rows[0]["images_per_s"] > 0 and rows[2]["x_plain"] > 0
+    assert rows[1]["images_per_s"] is None and rows[1]["error"] == (
+        "RuntimeError: [/opt/dali/pipeline.cc:42] CUDA error: no kernel image")
+    assert rows[3]["error"] == "OSError: no cache"
+    table = format_rows("loaders", rows)
+    assert "| error |" in table and "no kernel image" in table and "None" not in table

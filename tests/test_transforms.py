@@ -230,3 +230,18 @@ def test_loader_benchmark_reports_a_failing_back_end_and_measures_the_others(mon
     assert rows[3]["error"] == "OSError: no cache"
     table = format_rows("loaders", rows)
     assert "| error |" in table and "no kernel image" in table and "None" not in table
+
+
+def test_batch_transport_script_prints_its_three_rows(capsys):
+    import importlib.util
+
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "batch_transport_cost.py"
+    spec = importlib.util.spec_from_file_location("batch_transport_cost", script)
+    btc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(btc)
+    assert btc.main(["--workers", "1", "--batch-sizes", "4", "--batches", "4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
+    assert [row.split(" | ")[1] for row in rows] == btc.MODES
+    assert all(float(row.split(" | ")[2]) > 0 for row in rows)

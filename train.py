@@ -57,6 +57,7 @@ class Settings:
     eval_gain: float = 1.0
     eval_noise: bool = False
     decoded_cache: bool = False
+    bn_recalibrate: int = 0
     amp: bool = True
     demo: bool = False
 
@@ -73,6 +74,8 @@ class Settings:
         from pipelines.transforms import check_eval_intensity
 
         check_eval_intensity(self.eval_gain, self.eval_noise)  # --eval-noise and --eval-gain exclusive
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"--bn-recalibrate must be >= 0 images, got {self.bn_recalibrate}")
         if self.train_subset is not None and self.train_subset < 8:
             raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
 
@@ -130,6 +133,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "network's answers toward NORMAL; validation did not prefer it over --eval-gain 1.35 "
                          "(README, 'Train/test brightness') (default: off, the brief's transform; with "
                          "--eval-only: what the model was trained with; --no-eval-noise keeps its gain)")
+    ev.add_argument("--bn-recalibrate", type=int, metavar="N",
+                    help="before each validation and each test pass, re-estimate the BatchNorm running "
+                         "statistics over N training images (a fixed seeded subset) under that pass's own "
+                         "transform: the evaluation transform for validation and the test without TTA, the "
+                         "training augmentation for TTA copies; the saved weights carry the evaluation "
+                         "statistics. Measured on the full-data CPU model: validation accuracy 0.934 -> "
+                         "0.967, test 0.721 -> 0.779 (README, 'BatchNorm recalibration'). 0 keeps the "
+                         "statistics training leaves, the exponential average of its last batches (default: "
+                         "0; with --eval-only: what the model was trained with)")
     p.add_argument("--count-params", action="store_true",
                    help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     return p
@@ -144,7 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seed=args.seed, paciencia=args.paciencia, pretrained=not args.no_pretrained,
         vgg16_weights=args.vgg16_weights, train_subset=args.train_subset, tta=tuple(args.tta),
         eval_gain=1.0 if args.eval_gain is None else args.eval_gain, eval_noise=bool(args.eval_noise),
-        decoded_cache=args.decoded_cache,
+        decoded_cache=args.decoded_cache, bn_recalibrate=args.bn_recalibrate or 0,
         amp=not args.no_amp, demo=args.demo)
 
 
@@ -271,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.weights:
             raise ValueError("--eval-only needs --weights modelo.h5")
         metrics = evaluate_weights(settings, args.weights, resolve_device(settings.device), args.eval_gain,
-                                   args.eval_noise)
+                                   args.eval_noise, args.bn_recalibrate)
         print(json.dumps(metrics) if args.json else json.dumps(metrics, indent=2))
         return 0
     seed_everything(settings.seed)

@@ -192,6 +192,59 @@ def predict(
     return all_probs, all_labels, loss_sum.item() / len(all_labels)
 
 
+def recalibrate_batchnorm(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance over ``loader``'s images
+    (forward passes in training mode, no gradient): each becomes the plain average, over the
+    batches, of the batch statistics that training mode normalises with, instead of the
+    exponential average of the last training batches. Returns the number of images.
+
+    Why: during training the running statistics follow the last ~10 batches of augmented images
+    (each value times its own U[1.2, 1.5]); evaluation images carry no such noise, so at the end
+    of an epoch the running statistics are both noisy and off for them (README, 'BatchNorm
+    recalibration'). Feed the evaluation transform to fit evaluation, the training augmentation
+    to fit augmented copies (TTA). Momentum and the model's mode are put back afterwards; under
+    torchrun every rank must call it and the statistics are averaged across ranks.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    device = torch.device(device)
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    seen = 0
+    model.train()
+    try:
+        with torch.no_grad():
+            for images, _labels in tqdm(loader, desc="BatchNorm statistics", disable=not progress, leave=False):
+                with autocast(device, amp_dtype):
+                    model(_prepare(images, channels_last))
+                seen += images.shape[0]
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("the loader gave no images to estimate the BatchNorm statistics with")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+        for m in layers:
+            for buffer in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(buffer)
+                buffer /= world_size
+    return seen
+
+
 def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, Any]:
     """Accuracy, and for class ``positive`` against the rest: F1, precision, recall
     (sensitivity), specificity (recall of the rest) and ROC AUC of ``probs[:, positive]``

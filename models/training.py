@@ -6,6 +6,7 @@ and has ``set_epoch``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -21,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.early_stopping import EarlyStopping
 from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, precision_label,
-                           precision_options, predict, tta_labels, tta_predict, train_one_epoch)
+                           precision_options, predict, recalibrate_batchnorm, tta_labels, tta_predict,
+                           train_one_epoch)
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
-from pipelines.loaders import LoaderSettings, make_loader, make_loaders
+from pipelines.loaders import LoaderSettings, make_loader, make_loaders, make_samplers
 from pipelines.samplers import RepeatSampler, unshard
 from pipelines.transforms import NOISE_MEAN, eval_intensity_label
 
@@ -212,15 +214,22 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     precision = precision_label(opts)
     logger.info("precision: %s; evaluation images %s", precision,
                 eval_intensity_label(settings.eval_gain, settings.eval_noise))
-    if settings.eval_gain == 1 and not settings.eval_noise and not settings.demo:
+    if settings.eval_gain == 1 and not settings.eval_noise and not settings.bn_recalibrate and not settings.demo:
         logger.warning("validation and test images get /255 only while the training noise makes training images "
                        "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
                        "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
                        "brightness')", NOISE_MEAN, NOISE_MEAN)
+    recal_indices = None
+    if settings.bn_recalibrate:
+        recal_indices = recalibration_indices(loaders.samplers.train_indices, settings.bn_recalibrate, settings.seed)
+        logger.info("BatchNorm statistics re-estimated before each validation over %d training images "
+                    "(--bn-recalibrate)", len(recal_indices))
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
         tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
+        if recal_indices is not None:
+            recalibrate(model, index, settings, device, augment=False, caches=loaders.caches, indices=recal_indices)
         with torch.random.fork_rng(devices=[]):  # --eval-noise with 0 workers: leave training's stream alone
             torch.manual_seed(settings.seed * 1_000_003 + epoch)
             va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
@@ -250,7 +259,8 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
                "synthetic_data": settings.demo, "world_size": world_size, "precision": precision,
-               "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise}
+               "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise,
+               "bn_recalibrate": settings.bn_recalibrate}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -266,22 +276,52 @@ def most_confident_copy(probs: np.ndarray, d: int) -> np.ndarray:
     return grouped[np.arange(len(grouped)), best]
 
 
+def recalibration_indices(train_indices: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The training images whose statistics ``--bn-recalibrate n`` uses: a seeded random subset of the
+    training split (all of it when n is larger), the same for every pass of a run."""
+    rng = np.random.default_rng(seed * 1_000_003 + 17)
+    return rng.permutation(np.asarray(train_indices))[: min(n, len(train_indices))]
+
+
+def recalibrate(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device, *, augment: bool,
+                caches: dict | None = None, indices: np.ndarray | None = None) -> int:
+    """``recalibrate_batchnorm`` over ``settings.bn_recalibrate`` training images under the evaluation
+    transform (``augment=False``) or the training augmentation, with its own seeded random stream."""
+    if indices is None:
+        samplers = make_samplers(index, settings.seed, loader_settings(settings).val_fraction, settings.train_subset)
+        indices = recalibration_indices(samplers.train_indices, settings.bn_recalibrate, settings.seed)
+    loader = make_loader(index, "train", indices.tolist(), augment=augment, settings=loader_settings(settings),
+                         device=device, caches=caches)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed * 1_000_003 + (2 if augment else 1))
+        return recalibrate_batchnorm(model, loader, device, **precision_options(device, settings.amp))
+
+
 def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device,
                       caches: dict | None = None) -> dict:
-    """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies."""
+    """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies.
+
+    With ``settings.bn_recalibrate``, each pass first gets BatchNorm statistics of training images under
+    its own transform (the TTA passes on a copy of the model)."""
     lsettings = loader_settings(settings)
     opts = precision_options(device, settings.amp)
     n = len(index.test)
     caches = {} if caches is None else caches
+    if settings.bn_recalibrate:
+        recalibrate(model, index, settings, device, augment=False, caches=caches)
     plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device, caches=caches)
     torch.manual_seed(settings.seed)  # --eval-noise: the same draws every time (for a given --num-workers)
     probs, labels, loss = predict_all(model, plain, device, n, **opts)
     results = {"no_tta": classification_metrics(labels, probs) | {"loss": loss}}
+    tta_model = model
+    if settings.bn_recalibrate and settings.tta:
+        tta_model = copy.deepcopy(model)
+        recalibrate(tta_model, index, settings, device, augment=True, caches=caches)
     for d in settings.tta:
         torch.manual_seed(settings.seed + d)
         loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True,
                              settings=lsettings, device=device, caches=caches)
-        probs_d, labels_d, _ = predict_all(model, loader, device, n * d, **opts)
+        probs_d, labels_d, _ = predict_all(tta_model, loader, device, n * d, **opts)
         y = tta_labels(labels_d, d)
         preds = tta_predict(probs_d, d)
         results[f"tta{d}"] = {
@@ -292,21 +332,23 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, dev
 
 
 def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None,
-                     eval_noise: bool | None = None) -> dict:
+                     eval_noise: bool | None = None, bn_recalibrate: int | None = None) -> dict:
     """Test metrics of a modelo.h5.  What is not given comes from the model's own settings: with
     neither, its evaluation images are scaled as it was trained with (its ``--eval-gain`` or
     ``--eval-noise``); ``eval_noise=True`` alone means gain 1; ``eval_gain`` alone means no noise;
-    ``eval_noise=False`` alone keeps the model's gain."""
+    ``eval_noise=False`` alone keeps the model's gain. ``bn_recalibrate`` likewise defaults to the model's."""
     model, meta = load_modelo_h5(weights, device=device)
     trained = meta.get("metadata", {}).get("settings", {})
     if eval_noise is None:
         eval_noise = False if eval_gain is not None else bool(trained.get("eval_noise", False))
     if eval_gain is None:
         eval_gain = 1.0 if eval_noise else float(trained.get("eval_gain", 1.0))
-    settings = dataclasses.replace(settings, eval_gain=eval_gain, eval_noise=eval_noise)
+    if bn_recalibrate is None:
+        bn_recalibrate = int(trained.get("bn_recalibrate", 0))
+    settings = dataclasses.replace(settings, eval_gain=eval_gain, eval_noise=eval_noise, bn_recalibrate=bn_recalibrate)
     index = index_dataset(settings.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "
                          f"but {settings.data_dir} has {index.classes}")
     return {"weights": str(weights), "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise,
-            "test": evaluate_test_set(model, index, settings, device)}
+            "bn_recalibrate": settings.bn_recalibrate, "test": evaluate_test_set(model, index, settings, device)}

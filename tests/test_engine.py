@@ -21,6 +21,7 @@ from models.engine import (
     plot_confusion_matrix,
     plot_learning_curves,
     predict,
+    recalibrate_batchnorm,
     train_one_epoch,
     tta_labels,
     tta_predict,
@@ -226,3 +227,29 @@ def test_confusion_matrix_writes_a_png(tmp_path) -> None:
 def test_confusion_matrix_checks_the_class_names(tmp_path) -> None:
     with pytest.raises(ValueError, match="class names"):
         plot_confusion_matrix([[2, 1], [0, 3]], ["NORMAL"], tmp_path / "cm.png")
+
+
+def bn_net() -> nn.Module:
+    """x -> BatchNorm2d(2) -> mean: the BatchNorm sees the images themselves."""
+    return nn.Sequential(nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_recalibrated_batchnorm_statistics_are_the_average_batch_statistics() -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 2, 3, 3) * s + m, torch.zeros(4, dtype=torch.long))
+               for s, m in ((1.0, 0.0), (2.0, 5.0), (0.5, -1.0))]
+    net = bn_net().eval()
+    bn = net[0]
+    bn.running_mean.fill_(100.0)
+    assert recalibrate_batchnorm(net, batches, torch.device("cpu")) == 12
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x, _ in batches])
+    variances = torch.stack([x.transpose(0, 1).reshape(2, -1).var(dim=1, unbiased=True) for x, _ in batches])
+    torch.testing.assert_close(bn.running_mean, means.mean(dim=0))  # every batch counts, not the last few
+    torch.testing.assert_close(bn.running_var, variances.mean(dim=0))
+    assert bn.momentum == 0.1 and not net.training  # momentum and mode put back
+
+
+def test_recalibration_refuses_an_empty_loader_and_leaves_batchnorm_free_models_alone() -> None:
+    with pytest.raises(ValueError, match="no images"):
+        recalibrate_batchnorm(bn_net(), [], torch.device("cpu"))
+    assert recalibrate_batchnorm(nn.Linear(2, 2), [(torch.zeros(1, 2), torch.zeros(1))], torch.device("cpu")) == 0

@@ -104,6 +104,64 @@ def test_eval_noise_is_recorded_reused_by_eval_only_and_seeded(small_set, tmp_pa
     assert evaluated(eval_gain=1.35)[:2] == (False, 1.35)
 
 
+def test_bn_recalibrate_saves_statistics_of_the_evaluation_transform_and_eval_only_reuses_it(small_set, tmp_path):
+    from models.training import evaluate_weights, recalibrate, recalibration_indices
+    from pipelines.data import index_dataset
+    from pipelines.loaders import make_samplers
+
+    settings = settings_for(small_set, tmp_path, epochs=1, tta=(2,), bn_recalibrate=8)
+    torch.manual_seed(0)
+    summary = train(settings, torch.device("cpu"))
+    assert summary["bn_recalibrate"] == 8
+    assert read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]["settings"]["bn_recalibrate"] == 8
+    saved, _ = load_modelo_h5(tmp_path / "modelo.h5")
+    bns = [m for m in saved.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # the saved statistics are those of the 8 chosen training images under the evaluation transform
+    index = index_dataset(small_set)
+    chosen = recalibration_indices(make_samplers(index, 0, 0.2, None).train_indices, 8, 0)
+    assert len(chosen) == 8 and len(set(chosen.tolist())) == 8
+    again = copy_of(saved)
+    for m in again.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(7.0)
+    assert recalibrate(again, index, settings, torch.device("cpu"), augment=False) == 8
+    for a, b in zip(bns, [m for m in again.modules() if isinstance(m, torch.nn.BatchNorm2d)]):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    # under the training augmentation (TTA copies) they differ
+    augmented = copy_of(saved)
+    recalibrate(augmented, index, settings, torch.device("cpu"), augment=True)
+    assert not torch.allclose(bns[0].running_var, [m for m in augmented.modules()
+                                                   if isinstance(m, torch.nn.BatchNorm2d)][0].running_var)
+    plain, cpu = settings_for(small_set, tmp_path, tta=()), torch.device("cpu")
+    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu)["bn_recalibrate"] == 8  # as trained
+    assert evaluate_weights(plain, tmp_path / "modelo.h5", cpu, bn_recalibrate=0)["bn_recalibrate"] == 0
+    with pytest.raises(ValueError, match="--bn-recalibrate must be >= 0"):
+        settings_for(small_set, tmp_path, bn_recalibrate=-1)
+
+
+def test_bn_statistics_script_prints_stored_and_both_recalibrations(small_set, tmp_path, capsys):
+    import importlib.util
+
+    train(settings_for(small_set, tmp_path, epochs=1, tta=()), torch.device("cpu"))
+    spec = importlib.util.spec_from_file_location("bn_statistics", ROOT / "scripts" / "bn_statistics.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for weights in ("modelo.h5", "checkpoint.pt"):
+        assert script.main(["--weights", str(tmp_path / weights), "--data-dir", str(small_set), "--images", "8"]) == 0
+        rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+        assert [(r[0][2:], r[1]) for r in rows] == [
+            (stats, split) for stats in ("as training left them", "re-estimated, evaluation transform",
+                                         "re-estimated, training augmentation") for split in ("validation", "test")]
+        assert rows[0][2] != rows[2][2]  # re-estimating changed the validation loss
+
+
+def copy_of(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
 def test_no_eval_noise_keeps_the_gain_a_model_was_trained_with(small_set, tmp_path):
     from models.training import evaluate_weights
 

@@ -3,8 +3,9 @@
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
 #   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
 #   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision,
-#      validated and tested with --eval-gain 1.35 (README: train/test brightness), then its weights
-#      evaluated with --eval-noise and with the brief's /255-only transform too; should DALI training
+#      validated and tested with --eval-gain 1.35 (README: train/test brightness) and BatchNorm statistics
+#      re-estimated over 1600 training images before each pass (--bn-recalibrate), then its weights evaluated
+#      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own transform; should DALI training
 #      fail with a minute of its limit left, the torchvision loader trains in the time left (step_train)
 # GPU step limits add up to 560 s (90 + 170 + 240 + 30 + 30): with the start-up, under timeout_s=580.
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
@@ -62,18 +63,19 @@ if [ "$CPU" = 1 ]; then
   step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 --n224 64 \
        --batch-sizes 16 --json "$OUT/bench.json"
   step_train 300 --data-dir "$DATA/chest_xray_224" --no-pretrained \
-       --eval-gain 1.35 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
+       --eval-gain 1.35 --bn-recalibrate 1600 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
   step eval_noise 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
-       --weights "$OUT/run/modelo.h5" --eval-noise --tta --batch-size 8 --json
+       --weights "$OUT/run/modelo.h5" --eval-noise --tta --batch-size 8 --bn-recalibrate 32 --json
   step eval_brief_transform 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
-       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --json
+       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
 else
   step count_params 90 $PY train.py --count-params --device cuda --batch-size 64
   step bench 170 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 60 --n224 500 \
        --batch-sizes 64 256 --json "$OUT/bench.json"
   step_train 240 --data-dir "$DATA/chest_xray_224" --no-pretrained \
-       --eval-gain 1.35 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 --out "$OUT/run" \
+       --eval-gain 1.35 --bn-recalibrate 1600 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 \
+       --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
   step eval_noise 30 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
        --weights "$OUT/run/modelo.h5" --eval-noise --tta --json

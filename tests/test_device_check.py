@@ -61,11 +61,12 @@ def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) ->
     assert {p.name for p in out.iterdir()} == RETURNED  # at most 8 come back
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_gain"] == 1.35 and metrics["eval_noise"] is False  # what the GPU run trains with
+    assert metrics["bn_recalibrate"] == 1600
     with tarfile.open(out / "logs.tgz") as logs:
         evals = {name: json.loads(logs.extractfile(f"./{name}.log").read().decode().strip().splitlines()[-1])
                  for name in ("eval_noise", "eval_brief_transform")}
-    assert {name: (e["eval_gain"], e["eval_noise"]) for name, e in evals.items()} == {
-        "eval_noise": (1.0, True), "eval_brief_transform": (1.0, False)}
+    assert {name: (e["eval_gain"], e["eval_noise"], e["bn_recalibrate"]) for name, e in evals.items()} == {
+        "eval_noise": (1.0, True, 32), "eval_brief_transform": (1.0, False, 32)}
     bench = json.loads((out / "bench.json").read_text())
     assert any("DALI CPU" in json.dumps(row) for row in bench.get("loaders", bench))
 

@@ -219,17 +219,15 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
                        "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
                        "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
                        "brightness')", NOISE_MEAN, NOISE_MEAN)
-    recal_indices = None
     if settings.bn_recalibrate:
-        recal_indices = recalibration_indices(loaders.samplers.train_indices, settings.bn_recalibrate, settings.seed)
         logger.info("BatchNorm statistics re-estimated before each validation over %d training images "
-                    "(--bn-recalibrate)", len(recal_indices))
+                    "(--bn-recalibrate)", min(settings.bn_recalibrate, len(loaders.samplers.train_indices)))
     for epoch in range(start_epoch, settings.epochs):
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
         tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
-        if recal_indices is not None:
-            recalibrate(model, index, settings, device, augment=False, caches=loaders.caches, indices=recal_indices)
+        if settings.bn_recalibrate:
+            recalibrate(model, index, settings, device, augment=False, caches=loaders.caches)
         with torch.random.fork_rng(devices=[]):  # --eval-noise with 0 workers: leave training's stream alone
             torch.manual_seed(settings.seed * 1_000_003 + epoch)
             va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
@@ -255,7 +253,9 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     if not run.best:
         raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {settings.weights_out}")
     best_model, _meta = load_modelo_h5(settings.weights_out, device=device)
-    metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches)
+    # the saved weights already carry the evaluation statistics (same images, transform and seed)
+    metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches,
+                                recalibrated=bool(settings.bn_recalibrate))
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(settings.weights_out),
                "synthetic_data": settings.demo, "world_size": world_size, "precision": precision,
@@ -284,30 +284,31 @@ def recalibration_indices(train_indices: np.ndarray, n: int, seed: int) -> np.nd
 
 
 def recalibrate(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device, *, augment: bool,
-                caches: dict | None = None, indices: np.ndarray | None = None) -> int:
+                caches: dict | None = None) -> int:
     """``recalibrate_batchnorm`` over ``settings.bn_recalibrate`` training images under the evaluation
     transform (``augment=False``) or the training augmentation, with its own seeded random stream."""
-    if indices is None:
-        samplers = make_samplers(index, settings.seed, loader_settings(settings).val_fraction, settings.train_subset)
-        indices = recalibration_indices(samplers.train_indices, settings.bn_recalibrate, settings.seed)
-    loader = make_loader(index, "train", indices.tolist(), augment=augment, settings=loader_settings(settings),
-                         device=device, caches=caches)
+    lsettings = loader_settings(settings)
+    samplers = make_samplers(index, settings.seed, lsettings.val_fraction, settings.train_subset)
+    indices = recalibration_indices(samplers.train_indices, settings.bn_recalibrate, settings.seed)
+    loader = make_loader(index, "train", indices.tolist(), augment=augment, settings=lsettings, device=device,
+                         caches=caches)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed * 1_000_003 + (2 if augment else 1))
         return recalibrate_batchnorm(model, loader, device, **precision_options(device, settings.amp))
 
 
 def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device,
-                      caches: dict | None = None) -> dict:
+                      caches: dict | None = None, recalibrated: bool = False) -> dict:
     """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies.
 
     With ``settings.bn_recalibrate``, each pass first gets BatchNorm statistics of training images under
-    its own transform (the TTA passes on a copy of the model)."""
+    its own transform (the TTA passes on a copy of the model); ``recalibrated`` says the model already
+    carries the evaluation statistics, as the weights ``train`` saves do."""
     lsettings = loader_settings(settings)
     opts = precision_options(device, settings.amp)
     n = len(index.test)
     caches = {} if caches is None else caches
-    if settings.bn_recalibrate:
+    if settings.bn_recalibrate and not recalibrated:
         recalibrate(model, index, settings, device, augment=False, caches=caches)
     plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device, caches=caches)
     torch.manual_seed(settings.seed)  # --eval-noise: the same draws every time (for a given --num-workers)

@@ -5,8 +5,9 @@
 #   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision,
 #      validated and tested with --eval-gain 1.35 (README: train/test brightness) and BatchNorm statistics
 #      re-estimated over 1600 training images before each pass (--bn-recalibrate), then its weights evaluated
-#      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own transform; should DALI training
-#      fail with a minute of its limit left, the torchvision loader trains in the time left (step_train)
+#      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own
+#      transform; should DALI training fail with a minute of its limit left, the torchvision loader trains
+#      in the time left (step_train)
 # GPU step limits add up to 560 s (90 + 170 + 240 + 30 + 30): with the start-up, under timeout_s=580.
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
 #

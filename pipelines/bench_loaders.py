@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def torchvision_loader(files: list[str], order: list[int], toolchain: str, batch_size: int,
-                       workers: int) -> TorchvisionLoader:
+                       workers: int, shared_batches: bool | None = None) -> TorchvisionLoader:
+    """The baseline ("plain") keeps DataLoader's own batch transport, as users write it; ours
+    writes into reused shared batches (``pipelines.shared_batches``) unless told otherwise."""
     chain = get_toolchain(toolchain)
+    shared = toolchain != "plain" if shared_batches is None else shared_batches
     return TorchvisionLoader(folder_dataset(files, chain.loader, chain.train), order,
-                             batch_size=batch_size, num_workers=workers)
+                             batch_size=batch_size, num_workers=workers, shared_batches=shared)
 
 
 def dali_loader(files: list[str], order: list[int], batch_size: int, workers: int, device_id: int | None):
@@ -38,6 +41,8 @@ def loader_factories(workers: int) -> dict[str, object]:
     factories = {
         "torchvision plain (PIL + transforms as listed)":
             lambda f, o, b: torchvision_loader(f, o, "plain", b, workers),
+        f"torchvision ours ({DEFAULT_TOOLCHAIN}), DataLoader's batch transport":
+            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=False),
         f"torchvision ours ({DEFAULT_TOOLCHAIN})":
             lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers),
     }

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 
 from .data import DatasetIndex, with_transform
 from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
-from .transforms import DEFAULT_TOOLCHAIN, check_eval_intensity, get_toolchain
+from .shared_batches import SharedBatchPool, SlotBatches, SlotWriter, keep_as_is, slots_for, unpack
+from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_intensity, get_toolchain
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ("torchvision", "dali")
@@ -94,21 +95,40 @@ def disable_opencv_threads() -> None:
 
 
 class TorchvisionLoader:
-    """A ``DataLoader`` over an ImageFolder and a sampler, delivering batches on ``device``."""
+    """A ``DataLoader`` over an ImageFolder and a sampler, delivering batches on ``device``.
+
+    With workers, they write each batch into reused shared memory (``pipelines.shared_batches``)
+    instead of a new segment per batch; ``shared_batches=False`` keeps DataLoader's own transport
+    (the plain baseline of ``python -m pipelines.bench``).  Either way every batch is the
+    consumer's to keep.  ``sample_shape`` is the shape of one image of the dataset.
+    """
 
     def __init__(self, dataset, sampler: Sampler[int], *, batch_size: int = 16, num_workers: int = 2,
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0, shared_batches: bool = True,
+                 sample_shape: tuple[int, ...] = (3, SIZE, SIZE)) -> None:
         self.device = torch.device(device)
         self.sampler = sampler
         self.seed = seed
+        self.batch_size = batch_size
+        self.sample_shape = tuple(sample_shape)
         if num_workers > 0:
             disable_opencv_threads()
         self.generator = torch.Generator()
         self.set_epoch(0)
-        self.dataloader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            generator=self.generator, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, drop_last=False)
+        self.slots = slots_for(num_workers) if shared_batches and num_workers > 0 else 0
+        self.last_pool: SharedBatchPool | None = None
+        if self.slots:
+            self.writer = SlotWriter(dataset)
+            self.batch_sampler = SlotBatches(BatchSampler(sampler, batch_size, drop_last=False))
+            self.dataloader = DataLoader(
+                self.writer, batch_sampler=self.batch_sampler, num_workers=num_workers,
+                collate_fn=keep_as_is, generator=self.generator,
+                pin_memory=self.device.type == "cuda", persistent_workers=False)
+        else:
+            self.dataloader = DataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                generator=self.generator, pin_memory=self.device.type == "cuda",
+                persistent_workers=False, drop_last=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (sampler order and worker seeds)."""
@@ -118,8 +138,23 @@ class TorchvisionLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        for images, labels in self.dataloader:
+        for images, labels in self._batches():
             yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+
+    def _batches(self) -> Iterator[Batch]:
+        if not self.slots:
+            yield from self.dataloader
+            return
+        # A fresh pool per epoch, in place before the workers fork: only the loader that is
+        # iterating holds shared memory.
+        pool = self.last_pool = SharedBatchPool(self.slots, self.batch_size, self.sample_shape)
+        self.writer.buffers, self.batch_sampler.pool = pool.buffers, pool
+        try:
+            for reply in self.dataloader:
+                yield unpack(reply, pool)
+        finally:
+            self.writer.buffers, self.batch_sampler.pool = [], None
+            pool.close()  # the shared memory goes with the last batch the consumer drops
 
     def __len__(self) -> int:
         return len(self.dataloader)

@@ -10,6 +10,12 @@ image on top of its transform chain:
 - "one reused shared batch": the same shared-memory tensor every time (the floor: only the handle travels).
   Unsafe as a loader (the next batch overwrites the one the consumer holds); here only to show the floor.
 
+Then two rows whose dataset hands over one ready image at a time, through ``TorchvisionLoader``:
+
+- "per-image, DataLoader's collate": ``default_collate`` stacks them into a fresh shared batch;
+- "per-image, leased shared slots (ours)": each image is copied into a reused shared slot
+  (``pipelines.shared_batches``), which the consumer owns until it drops the batch.
+
     .venv/bin/python scripts/batch_transport_cost.py                  # 2 workers, batch 16 and 64
     .venv/bin/python scripts/batch_transport_cost.py --workers 4 --batches 200
 """
@@ -25,6 +31,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipelines.bench import loader_images_per_s  # noqa: E402
+from pipelines.loaders import TorchvisionLoader  # noqa: E402
 from report import markdown_table  # noqa: E402
 
 SIZE = 224
@@ -53,7 +60,29 @@ class Batches(Dataset):
         return images, torch.zeros(len(indices), dtype=torch.long)
 
 
-MODES = ["fresh shared batch", "fresh private batch", "one reused shared batch"]
+class Images(Dataset):
+    """One ready float32 image per index (the same tensor: no image work, only the copy out of it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.image = n, torch.full((3, SIZE, SIZE), 0.5)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.image, 0
+
+
+BATCH_MODES = ["fresh shared batch", "fresh private batch", "one reused shared batch"]
+IMAGE_MODES = {"per-image, DataLoader's collate": False, "per-image, leased shared slots (ours)": True}
+MODES = BATCH_MODES + list(IMAGE_MODES)
+
+
+def make_loader(mode: str, n: int, batch_size: int, workers: int):
+    if mode in IMAGE_MODES:
+        return TorchvisionLoader(Images(n), range(n), batch_size=batch_size, num_workers=workers,
+                                 shared_batches=IMAGE_MODES[mode])
+    return DataLoader(Batches(n, mode), batch_size=batch_size, num_workers=workers, collate_fn=lambda batch: batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch_size in args.batch_sizes:
         for mode in MODES:
-            loader = DataLoader(Batches(batch_size * args.batches, mode), batch_size=batch_size,
-                                num_workers=args.workers, collate_fn=lambda batch: batch)
+            loader = make_loader(mode, batch_size * args.batches, batch_size, args.workers)
             ips = loader_images_per_s(loader, warmup=max(1, args.workers))
             rows.append({"batch": batch_size, "how the batch is made": mode, "img/s": round(ips),
                          "ms per image (wall)": 1000 / ips})

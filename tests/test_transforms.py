@@ -232,7 +232,7 @@ def test_loader_benchmark_reports_a_failing_back_end_and_measures_the_others(mon
     assert "| error |" in table and "no kernel image" in table and "None" not in table
 
 
-def test_batch_transport_script_prints_its_three_rows(capsys):
+def test_batch_transport_script_prints_its_rows(capsys):
     import importlib.util
 
     from pathlib import Path

@@ -46,13 +46,6 @@ from .dali import DECODED, ENCODED, GRAY_FLAG, FedPipeline, batch_plan, decode_r
 logger = logging.getLogger(__name__)
 
 
-def equal_channels(image: np.ndarray) -> bool:
-    """True when the 3 channels of an H x W x 3 image are equal: an RGB JPEG of gray
-    content (every file of chest_xray_224), which can be stored and processed as one plane."""
-    return np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(
-        image[:, :, 0], image[:, :, 2])
-
-
 class DecodedCache:
     """`size` x `size` uint8 images of `files`, decoded and resized once by DALI on the CPU.
 
@@ -152,7 +145,7 @@ class DecodedCache:
     def _store(self, indices: np.ndarray, images: TensorListCPU) -> None:
         for k, i in enumerate(indices):
             image = np.asarray(images[k])
-            if image.shape[2] == 1 or equal_channels(image):
+            if image.shape[2] == 1 or imageio.equal_channels(image):
                 self._planes[i] = image[:, :, :1]
             else:
                 self._rgb[int(i)] = image.copy()

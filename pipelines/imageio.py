@@ -125,6 +125,18 @@ def shared_channels(arr: np.ndarray) -> bool:
     return arr.ndim == 3 and arr.shape[2] == 3 and arr.strides[2] == 0
 
 
+def equal_channels(image: np.ndarray) -> bool:
+    """True when the 3 channels of an H x W x 3 uint8 image are equal: an RGB JPEG of gray content
+    (every file of chest_xray_224), which can be stored and processed as one plane, exactly.
+    0.016 ms at 224 x 224 (OpenCV), against 0.037 for numpy's strided comparisons."""
+    import cv2
+
+    if not image.flags.c_contiguous:
+        image = np.ascontiguousarray(image)
+    first, second, third = cv2.split(image)
+    return cv2.countNonZero(cv2.absdiff(first, second)) == 0 and cv2.countNonZero(cv2.absdiff(first, third)) == 0
+
+
 def gray_as_rgb(plane: np.ndarray) -> np.ndarray:
     """An H x W plane as a read-only H x W x 3 view: a 3-channel image stored once."""
     return np.broadcast_to(plane[:, :, None], (*plane.shape, 3))
@@ -164,7 +176,8 @@ def load_cv2_reduced(path: str | Path, size: int = TARGET_SIZE) -> np.ndarray:
 
     Grayscale files (nearly every chest X-ray) are decoded to one plane and returned as a
     3-channel view of it (``gray_as_rgb``), so the later steps can work on one plane until the
-    per-value noise makes the channels differ.  Anything but a 1- or 3-component JPEG (PNG,
+    per-value noise makes the channels differ; so are RGB files whose decoded channels are equal
+    (``equal_channels``: every file of chest_xray_224), which is exact.  Anything but a 1- or 3-component JPEG (PNG,
     16-bit, CMYK, ...) goes through PIL's conversion instead.
     """
     import cv2
@@ -178,7 +191,11 @@ def load_cv2_reduced(path: str | Path, size: int = TARGET_SIZE) -> np.ndarray:
     arr = cv2.imdecode(data, _reduced_flag(width, height, size, gray))
     if arr is None:
         raise ValueError(f"OpenCV could not decode {path}")
-    return gray_as_rgb(arr) if gray else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if gray:
+        return gray_as_rgb(arr)
+    if equal_channels(arr):
+        return gray_as_rgb(np.ascontiguousarray(arr[:, :, 0]))
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def load_skimage(path: str | Path) -> np.ndarray:

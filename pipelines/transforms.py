@@ -162,12 +162,25 @@ class HwcToTensor:
         return torch.from_numpy(out)
 
 
+def unit_interval_floats(bit_generator: np.random.BitGenerator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 draws uniform in [1, 2) with 23 random bits each (the mantissa under a fixed
+    exponent), cut from the generator's raw 64-bit output: 0.165 against 0.23 ms for 3 x 224 x 224
+    with ``Generator.random(dtype=float32)`` on this CPU."""
+    n = int(np.prod(shape))
+    bits = bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    bits >>= np.uint32(9)
+    bits |= np.uint32(0x3F800000)  # exponent of 1.0
+    return bits.view(np.float32).reshape(shape)
+
+
 class HwcNoiseToTensor:
     """Step 5 for H x W x 3 arrays: per-value U[low, high] noise, written straight into a 3 x H x W tensor.
 
-    The noise is drawn with numpy (float32 draws are about 1.5x faster than torch's on one
+    The noise is drawn with numpy (``unit_interval_floats``, about 2x torch's ``uniform_`` on one
     thread) from a generator seeded by torch's, so torch's seed still fixes everything.  A shared
-    grayscale plane is broadcast over the three channels here, the first step where they differ.
+    grayscale plane is broadcast over the three channels here, the first step where they differ:
+    ``x * (low + (high - low) * (u - 1)) = u * (high - low) x + (2 low - high) x`` with u in [1, 2),
+    the two factors computed once on the plane.
     """
 
     def __init__(self, low: float = NOISE_LOW, high: float = NOISE_HIGH) -> None:
@@ -175,14 +188,16 @@ class HwcNoiseToTensor:
 
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
         low, high = self.noise.low, self.noise.high
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        bit_generator = np.random.PCG64(int(torch.randint(0, 2**62, ())))
         h, w = arr.shape[:2]
-        out = rng.random((3, h, w), dtype=np.float32)
-        out *= np.float32(high - low)
-        out += np.float32(low)
-        if imageio.shared_channels(arr):
-            out *= arr[None, :, :, 0]
-        else:
+        out = unit_interval_floats(bit_generator, (3, h, w))
+        if imageio.shared_channels(arr):  # the factors on one plane, then two passes over three
+            plane = arr[None, :, :, 0]
+            out *= plane * np.float32(high - low)
+            out += plane * np.float32(2 * low - high)
+        else:  # three passes, no temporaries
+            out *= np.float32(high - low)
+            out += np.float32(2 * low - high)
             out *= arr.transpose(2, 0, 1)
         return torch.from_numpy(out)
 

@@ -71,6 +71,21 @@ def test_grayscale_shared_plane_is_exact():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_rgb_jpeg_of_gray_content_becomes_one_plane_and_colour_stays_three(tmp_path):
+    import cv2
+
+    path = real_files(SMALL_224 / "train", n=1)[0]  # an RGB JPEG whose channels decode equal
+    shared = imageio.load_cv2_reduced(path)
+    assert imageio.shared_channels(shared)
+    assert np.array_equal(shared, cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+    colour = np.zeros((40, 40, 3), np.uint8)
+    colour[..., 2] = 200  # red in OpenCV's BGR
+    cv2.imwrite(str(tmp_path / "red.jpeg"), colour)
+    rgb = imageio.load_cv2_reduced(tmp_path / "red.jpeg")
+    assert not imageio.shared_channels(rgb) and rgb[..., 0].mean() > 150 > rgb[..., 2].mean()
+    assert imageio.equal_channels(np.zeros((3, 3, 3), np.uint8)) and not imageio.equal_channels(rgb)
+
+
 def test_flip_rate_is_one_half():
     torch.manual_seed(0)
     img = asymmetric_image()
@@ -113,14 +128,16 @@ def test_rotation_keeps_size_fills_zero_and_turns_counter_clockwise():
     assert (tv.numpy() - ref.numpy()).__abs__().max() < 1e-5
 
 
-@pytest.mark.parametrize("step", ["torch", "numpy"])
+@pytest.mark.parametrize("step", ["torch", "numpy", "numpy_rgb"])
 def test_noise_is_per_value_inside_bounds(step):
     torch.manual_seed(0)
     value = 0.5
     if step == "torch":
         out = MultiplicativeNoise()(torch.full((3, 224, 224), value))
-    else:
+    elif step == "numpy":  # one plane seen three times
         out = HwcNoiseToTensor()(imageio.gray_as_rgb(np.full((224, 224), value, np.float32)))
+    else:
+        out = HwcNoiseToTensor()(np.full((224, 224, 3), value, np.float32))
     ratio = out.numpy() / value
     assert out.shape == (3, 224, 224)
     assert ratio.min() >= 1.2 - 1e-6 and ratio.max() <= 1.5 + 1e-6

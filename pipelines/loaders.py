@@ -97,10 +97,13 @@ def disable_opencv_threads() -> None:
 class TorchvisionLoader:
     """A ``DataLoader`` over an ImageFolder and a sampler, delivering batches on ``device``.
 
-    With workers, they write each batch into reused shared memory (``pipelines.shared_batches``)
-    instead of a new segment per batch; ``shared_batches=False`` keeps DataLoader's own transport
-    (the plain baseline of ``python -m pipelines.bench``).  Either way every batch is the
-    consumer's to keep.  ``sample_shape`` is the shape of one image of the dataset.
+    With workers and a CPU device, they write each batch into reused shared memory
+    (``pipelines.shared_batches``) instead of a new segment per batch; ``shared_batches=False``
+    keeps DataLoader's own transport (the plain baseline of ``python -m pipelines.bench``).  Either
+    way every batch is the consumer's to keep.  For a CUDA device DataLoader's transport stays:
+    its pin-memory thread copies each batch to page-locked memory beside the training loop, so
+    the copy to the GPU is asynchronous, where a slot (pageable) would make the training thread
+    wait for a staged copy.  ``sample_shape`` is the shape of one image of the dataset.
     """
 
     def __init__(self, dataset, sampler: Sampler[int], *, batch_size: int = 16, num_workers: int = 2,
@@ -115,7 +118,8 @@ class TorchvisionLoader:
             disable_opencv_threads()
         self.generator = torch.Generator()
         self.set_epoch(0)
-        self.slots = slots_for(num_workers) if shared_batches and num_workers > 0 else 0
+        use_slots = shared_batches and num_workers > 0 and self.device.type == "cpu"
+        self.slots = slots_for(num_workers) if use_slots else 0
         self.last_pool: SharedBatchPool | None = None
         if self.slots:
             self.writer = SlotWriter(dataset)

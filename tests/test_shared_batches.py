@@ -115,6 +115,11 @@ def test_no_workers_means_no_shared_memory():
     assert loader.slots == 0 and [x.shape[0] for x, _ in loader] == [2, 2] and loader.last_pool is None
 
 
+def test_a_cuda_loader_keeps_dataloaders_pinned_transport():
+    loader = TorchvisionLoader(Noisy(4), range(4), batch_size=2, num_workers=2, device="cuda")
+    assert loader.slots == 0 and loader.dataloader.pin_memory  # built without touching a GPU
+
+
 def test_the_benchmarks_plain_baseline_keeps_dataloaders_transport(tmp_path):
     from pipelines.bench_loaders import torchvision_loader
 

@@ -5,9 +5,9 @@ the main process maps and later unmaps; creating, zero-filling, mapping and rele
 batch of 64 float32 224 x 224 images costs 0.31-0.39 ms of wall time per image with 2 workers
 (``scripts/batch_transport_cost.py``), about a tenth of our whole transform chain.
 
-How: before each epoch's workers start, ``SharedBatchPool`` allocates a few shared tensors of one
-batch each (``slots_for(workers)``: the batches in flight, the one being handed over and the one
-the consumer still holds).  DataLoader runs the batch sampler in the main process as it
+How: before the first epoch's workers start, ``SharedBatchPool`` allocates a few shared tensors of
+one batch each (``slots_for(workers)``: the batches in flight, the one being handed over and the one
+the consumer still holds), kept for the loader's later epochs (each epoch's workers inherit them).  DataLoader runs the batch sampler in the main process as it
 dispatches each batch, so ``SlotBatches`` takes a free slot there and sends its number with the
 indices; the worker (``SlotWriter``) writes each image into that slot and returns only the slot
 number and the labels.  The consumer gets a tensor over the slot's memory, *leased*: the slot
@@ -19,6 +19,7 @@ still read it.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,14 +45,13 @@ class SharedBatchPool:
     def __init__(self, slots: int, batch_size: int, sample_shape: Sequence[int]) -> None:
         if slots < 1 or batch_size < 1:
             raise ValueError(f"need slots >= 1 and batch_size >= 1, got {slots} and {batch_size}")
-        self.buffers = [torch.empty((batch_size, *sample_shape)).share_memory_() for _ in range(slots)]
+        numel = batch_size * math.prod(sample_shape)
+        # straight into shared memory (``share_memory_`` would allocate privately, then copy)
+        self.buffers = [torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * numel)).view(batch_size, *sample_shape)
+                        for _ in range(slots)]
         self._arrays = [b.numpy() for b in self.buffers]
         self._free: deque[int] = deque(range(slots))
         self.leased = 0  # batches handed over from slots (fallbacks are not counted)
-
-    def close(self) -> None:
-        """Drop the pool's own references to its memory (end of epoch); leased batches keep theirs."""
-        self.buffers, self._arrays = [], []
 
     @property
     def free_slots(self) -> int:

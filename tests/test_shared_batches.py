@@ -77,8 +77,29 @@ def test_loop_gets_the_same_batches_as_dataloaders_own_transport_through_the_slo
     assert_same(stock, shared)
     assert [x.shape[0] for x, _ in shared] == [4, 4, 4, 4, 4, 3]  # partial batch delivered
     assert [int(v) for x, _ in shared for v in x[:, 0, 0, 0]] == ORDER  # every occurrence, in order
-    assert loader.last_pool.leased == len(shared)  # every batch came through a slot
-    assert loader.last_pool.buffers == []  # the pool lets go of its shared memory after the epoch
+    assert loader.pool.leased == len(shared)  # every batch came through a slot
+
+
+def test_the_pool_serves_every_epoch_and_batches_kept_from_one_survive_the_next():
+    def epochs(shared: bool) -> tuple[list, list, TorchvisionLoader]:
+        loader = TorchvisionLoader(Noisy(20), ORDER, batch_size=4, num_workers=2, seed=3,
+                                   shared_batches=shared, sample_shape=SHAPE)
+        first = list(loader)  # kept while the next epoch runs
+        loader.set_epoch(1)
+        second = [(x.clone(), y) for x, y in loader]
+        return first, second, loader
+
+    stock_first, stock_second, _ = epochs(False)
+    first, second, loader = epochs(True)
+    assert_same(stock_first, first)
+    assert_same(stock_second, second)
+    assert not torch.equal(first[0][0], second[0][0])  # a new epoch, new draws
+    # epoch 0's kept batches hold 6 of the 7 slots, so epoch 1 had one slot (its first batch, still
+    # bound in the loop when the others were dispatched) and its other batches took DataLoader's way
+    assert loader.slots == 7 and loader.pool.leased == len(first) + 1
+    del first
+    gc.collect()
+    assert loader.pool.free_slots == loader.slots  # and the kept ones came back once dropped
 
 
 def test_kept_batches_are_never_overwritten():
@@ -86,11 +107,11 @@ def test_kept_batches_are_never_overwritten():
     stock, _ = batches(False, order, keep=True, batch_size=2)
     shared, loader = batches(True, order, keep=True, batch_size=2)
     assert loader.slots == slots_for(2) < len(shared)
-    assert loader.last_pool.leased == loader.slots  # the rest took the ordinary way
+    assert loader.pool.leased == loader.slots  # the rest took the ordinary way
     assert_same(stock, shared)
     del shared
     gc.collect()
-    assert loader.last_pool.free_slots == loader.slots
+    assert loader.pool.free_slots == loader.slots
 
 
 def test_images_of_another_shape_fall_back_with_a_warning(caplog):
@@ -107,12 +128,12 @@ def test_images_of_another_shape_fall_back_with_a_warning(caplog):
     stock, _ = batches(False, range(6), keep=False, dataset=Noisy(6, shape=(3, 5, 5)))
     shared, loader = batches(True, range(6), keep=False, dataset=Noisy(6, shape=(3, 5, 5)))
     assert_same(stock, shared)
-    assert loader.last_pool.leased == 0 and loader.last_pool.free_slots == loader.slots  # slots given back
+    assert loader.pool.leased == 0 and loader.pool.free_slots == loader.slots  # slots given back
 
 
 def test_no_workers_means_no_shared_memory():
     loader = TorchvisionLoader(Noisy(4), range(4), batch_size=2, num_workers=0)
-    assert loader.slots == 0 and [x.shape[0] for x, _ in loader] == [2, 2] and loader.last_pool is None
+    assert loader.slots == 0 and [x.shape[0] for x, _ in loader] == [2, 2] and loader.pool is None
 
 
 def test_a_cuda_loader_keeps_dataloaders_pinned_transport():

@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 
 from .data import DatasetIndex, with_transform
 from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
-from .shared_batches import SharedBatchPool, SlotBatches, SlotWriter, keep_as_is, slots_for, unpack
+from .shared_batches import PREFETCH_FACTOR, SharedBatchPool, SlotBatches, SlotWriter, keep_as_is, slots_for, unpack
 from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_intensity, get_toolchain
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -126,8 +126,8 @@ class TorchvisionLoader:
             self.batch_sampler = SlotBatches(BatchSampler(sampler, batch_size, drop_last=False))
             self.dataloader = DataLoader(
                 self.writer, batch_sampler=self.batch_sampler, num_workers=num_workers,
-                collate_fn=keep_as_is, generator=self.generator,
-                pin_memory=self.device.type == "cuda", persistent_workers=False)
+                collate_fn=keep_as_is, generator=self.generator, prefetch_factor=PREFETCH_FACTOR,
+                persistent_workers=False)
         else:
             self.dataloader = DataLoader(
                 dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -153,12 +153,21 @@ class TorchvisionLoader:
         # (allocating it costs about 14 ms per 38 MB slot: not once per epoch).
         if self.pool is None:
             self.pool = SharedBatchPool(self.slots, self.batch_size, self.sample_shape)
-        self.writer.buffers, self.batch_sampler.pool = self.pool.buffers, self.pool
+            self.writer.buffers, self.batch_sampler.pool = self.pool.buffers, self.pool
+        in_flight: set[int] = set()  # slots handed to this iterator's workers, not yet delivered
+        self.batch_sampler.in_flight = in_flight
+        iterator = iter(self.dataloader)
+        self.batch_sampler.in_flight = None
         try:
-            for reply in self.dataloader:
-                yield unpack(reply, self.pool)
-        finally:
-            self.batch_sampler.pool = None
+            for reply in iterator:
+                yield unpack(reply, self.pool, in_flight)
+        finally:  # normal end, break, or a worker's error: once no worker can still write, free the rest
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's, private; absent = keep them
+            if shutdown is not None and in_flight:
+                shutdown()
+                for slot in in_flight:
+                    self.pool.release(slot)
+                in_flight.clear()
 
     def __len__(self) -> int:
         return len(self.dataloader)

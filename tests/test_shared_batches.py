@@ -15,6 +15,21 @@ from pipelines.shared_batches import SharedBatchPool, slots_for
 SHAPE = (3, 8, 8)
 
 
+class Failing(Dataset):
+    """Noisy images, except that index ``bad`` raises in the worker."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.noisy, self.bad = Noisy(n), bad
+
+    def __len__(self) -> int:
+        return len(self.noisy)
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise OSError(f"cannot read image {i}")
+        return self.noisy[i]
+
+
 class Noisy(Dataset):
     """Each item draws from torch's generator (as the training transform does) and carries its index."""
 
@@ -141,9 +156,41 @@ def test_a_cuda_loader_keeps_dataloaders_pinned_transport():
     assert loader.slots == 0 and loader.dataloader.pin_memory  # built without touching a GPU
 
 
-def test_the_benchmarks_plain_baseline_keeps_dataloaders_transport(tmp_path):
+def test_the_benchmarks_plain_baseline_keeps_dataloaders_transport():
     from pipelines.bench_loaders import torchvision_loader
 
     plain = torchvision_loader(["a.jpeg"], [0], "plain", 4, 2)
     ours = torchvision_loader(["a.jpeg"], [0], "cv2", 4, 2)
     assert plain.slots == 0 and ours.slots == slots_for(2)
+
+
+def test_a_long_loop_takes_every_batch_through_the_slots():
+    """40 batches through 7 slots: each slot must come back after its batch is dropped."""
+    loader = TorchvisionLoader(Noisy(80), range(80), batch_size=2, num_workers=2, sample_shape=SHAPE)
+    for images, _ in loader:
+        pass
+    assert loader.pool.leased == 40 and loader.pool.free_slots == loader.slots - 1  # `images` holds one
+    del images
+    assert loader.pool.free_slots == loader.slots
+
+
+def test_slots_come_back_after_break_next_and_a_workers_error():
+    loader = TorchvisionLoader(Noisy(80), range(80), batch_size=2, num_workers=2, sample_shape=SHAPE)
+    for k, (images, _) in enumerate(loader):
+        if k == 3:
+            break
+    del images
+    gc.collect()
+    assert loader.pool.free_slots == loader.slots  # the batches dispatched but never delivered too
+    next(iter(loader))
+    gc.collect()
+    assert loader.pool.free_slots == loader.slots
+    failing = TorchvisionLoader(Failing(80, bad=30), range(80), batch_size=2, num_workers=2, sample_shape=SHAPE)
+    with pytest.raises(OSError, match="cannot read image 30"):
+        for images, _ in failing:
+            del images
+    gc.collect()
+    assert failing.pool.free_slots == failing.slots
+    failing.dataloader.dataset.dataset.bad = None  # the next epoch reads everything
+    before = failing.pool.leased
+    assert sum(len(x) for x, _ in failing) == 80 and failing.pool.leased - before == 40

@@ -47,16 +47,25 @@ def slots_for(num_workers: int, prefetch_factor: int = PREFETCH_FACTOR) -> int:
     return num_workers * prefetch_factor + 3
 
 
+def shared_float32(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in shared memory, allocated there directly (torch's private
+    ``UntypedStorage._new_shared``, which DataLoader's collate uses too; ``share_memory_`` would
+    allocate privately and copy, twice the time), or through ``share_memory_`` if it is gone."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(shape, dtype=torch.float32).share_memory_()
+    nbytes = math.prod(shape) * torch.finfo(torch.float32).bits // 8
+    return torch.empty(0, dtype=torch.float32).set_(new_shared(nbytes)).view(shape)
+
+
 class SharedBatchPool:
     """``slots`` shared-memory float32 tensors of ``batch_size x sample_shape``, lent out by lease."""
 
     def __init__(self, slots: int, batch_size: int, sample_shape: Sequence[int]) -> None:
         if slots < 1 or batch_size < 1:
             raise ValueError(f"need slots >= 1 and batch_size >= 1, got {slots} and {batch_size}")
-        numel = batch_size * math.prod(sample_shape)
-        # straight into shared memory (``share_memory_`` would allocate privately, then copy)
-        self.buffers = [torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * numel))
-                        .view(batch_size, *sample_shape) for _ in range(slots)]
+        shape = (batch_size, *sample_shape)
+        self.buffers = [shared_float32(shape) for _ in range(slots)]
         self._arrays = [b.numpy() for b in self.buffers]
         self._free: deque[int] = deque(range(slots))
         self.leased = 0  # batches handed over from slots (fallbacks are not counted)

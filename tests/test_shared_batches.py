@@ -81,6 +81,16 @@ def test_pool_returns_a_slot_only_when_every_tensor_on_it_is_gone():
     assert pool.acquire() == b
 
 
+def test_shared_float32_is_shared_memory_of_the_right_shape(monkeypatch):
+    from pipelines import shared_batches
+
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(torch.UntypedStorage, "_new_shared", None, raising=False)  # as if gone
+        t = shared_batches.shared_float32((2, *SHAPE))
+        assert t.shape == (2, *SHAPE) and t.dtype == torch.float32 and t.is_shared() and t.is_contiguous()
+
+
 def test_pool_rejects_empty_sizes():
     with pytest.raises(ValueError):
         SharedBatchPool(0, 4, SHAPE)

@@ -20,13 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 def torchvision_loader(files: list[str], order: list[int], toolchain: str, batch_size: int,
-                       workers: int, shared_batches: bool | None = None) -> TorchvisionLoader:
-    """The baseline ("plain") keeps DataLoader's own batch transport, as users write it; ours
-    writes into reused shared batches (``pipelines.shared_batches``) unless told otherwise."""
+                       workers: int, shared_batches: bool) -> TorchvisionLoader:
+    """``shared_batches``: our reused shared batches (``pipelines.shared_batches``), or DataLoader's
+    own batch transport, as users write it (the plain baseline)."""
     chain = get_toolchain(toolchain)
-    shared = toolchain != "plain" if shared_batches is None else shared_batches
     return TorchvisionLoader(folder_dataset(files, chain.loader, chain.train), order,
-                             batch_size=batch_size, num_workers=workers, shared_batches=shared)
+                             batch_size=batch_size, num_workers=workers, shared_batches=shared_batches)
 
 
 def dali_loader(files: list[str], order: list[int], batch_size: int, workers: int, device_id: int | None):
@@ -40,11 +39,11 @@ def loader_factories(workers: int) -> dict[str, object]:
     """name -> factory(files, order, batch_size); DALI entries only where DALI imports."""
     factories = {
         "torchvision plain (PIL + transforms as listed)":
-            lambda f, o, b: torchvision_loader(f, o, "plain", b, workers),
+            lambda f, o, b: torchvision_loader(f, o, "plain", b, workers, shared_batches=False),
         f"torchvision ours ({DEFAULT_TOOLCHAIN}), DataLoader's batch transport":
             lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=False),
         f"torchvision ours ({DEFAULT_TOOLCHAIN})":
-            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers),
+            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=True),
     }
     try:
         import nvidia.dali  # noqa: F401

@@ -45,7 +45,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListCPU
 
 from .imageio import jpeg_header
-from .transforms import check_eval_intensity, unit_interval_floats
+from .transforms import check_eval_intensity, uniform_float32
 
 if TYPE_CHECKING:
     from .decoded_cache import DecodedCache
@@ -145,12 +145,8 @@ def train_graph(images: DataNode, noise: DataNode) -> DataNode:
 
 def uniform_noise(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     """n x 3 x size x size float32 draws, uniform in NOISE_RANGE: the CPU's noise (numpy
-    draws it 9x faster than DALI's CPU `fn.random.uniform`; `unit_interval_floats` another 1.4x)."""
-    low, high = NOISE_RANGE
-    noise = unit_interval_floats(rng.bit_generator, (n, 3, size, size))  # [1, 2)
-    noise *= np.float32(high - low)
-    noise += np.float32(2 * low - high)
-    return noise
+    draws it 9x faster than DALI's CPU `fn.random.uniform`; `uniform_float32` another 1.4x)."""
+    return uniform_float32(rng.bit_generator, (n, 3, size, size), *NOISE_RANGE)
 
 
 @dataclass(frozen=True)

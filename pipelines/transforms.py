@@ -173,6 +173,16 @@ def unit_interval_floats(bit_generator: np.random.BitGenerator, shape: tuple[int
     return bits.view(np.float32).reshape(shape)
 
 
+def uniform_float32(bit_generator: np.random.BitGenerator, shape: tuple[int, ...], low: float,
+                    high: float) -> np.ndarray:
+    """float32 draws uniform in [low, high): ``unit_interval_floats`` u mapped by
+    ``low + (high - low) * (u - 1) = (high - low) u + (2 low - high)``, in place."""
+    out = unit_interval_floats(bit_generator, shape)
+    out *= np.float32(high - low)
+    out += np.float32(2 * low - high)
+    return out
+
+
 class HwcNoiseToTensor:
     """Step 5 for H x W x 3 arrays: per-value U[low, high] noise, written straight into a 3 x H x W tensor.
 
@@ -190,14 +200,13 @@ class HwcNoiseToTensor:
         low, high = self.noise.low, self.noise.high
         bit_generator = np.random.PCG64(int(torch.randint(0, 2**62, ())))
         h, w = arr.shape[:2]
-        out = unit_interval_floats(bit_generator, (3, h, w))
         if imageio.shared_channels(arr):  # the factors on one plane, then two passes over three
             plane = arr[None, :, :, 0]
+            out = unit_interval_floats(bit_generator, (3, h, w))
             out *= plane * np.float32(high - low)
             out += plane * np.float32(2 * low - high)
         else:  # three passes, no temporaries
-            out *= np.float32(high - low)
-            out += np.float32(2 * low - high)
+            out = uniform_float32(bit_generator, (3, h, w), low, high)
             out *= arr.transpose(2, 0, 1)
         return torch.from_numpy(out)
 

@@ -167,10 +167,11 @@ def test_a_cuda_loader_keeps_dataloaders_pinned_transport():
 
 
 def test_the_benchmarks_plain_baseline_keeps_dataloaders_transport():
-    from pipelines.bench_loaders import torchvision_loader
+    from pipelines.bench_loaders import loader_factories
 
-    plain = torchvision_loader(["a.jpeg"], [0], "plain", 4, 2)
-    ours = torchvision_loader(["a.jpeg"], [0], "cv2", 4, 2)
+    factories = loader_factories(2)
+    plain = factories["torchvision plain (PIL + transforms as listed)"](["a.jpeg"], [0], 4)
+    ours = factories["torchvision ours (cv2)"](["a.jpeg"], [0], 4)
     assert plain.slots == 0 and ours.slots == slots_for(2)
 
 

@@ -51,6 +51,7 @@ class Settings:
     weight_decay: float = 1e-5
     paciencia: int = 5
     pretrained: bool = True
+    train_first_convs: bool = False
     vgg16_weights: str | None = None
     train_subset: int | None = None
     tta: tuple[int, ...] = (4, 8)
@@ -108,7 +109,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the split, samplers, augmentation, init")
     train.add_argument("--paciencia", type=int, default=5, help="early-stopping patience in epochs (default: 5)")
     train.add_argument("--no-pretrained", action="store_true",
-                       help="do not load ImageNet VGG16 weights into the first two convolutions")
+                       help="do not load ImageNet VGG16 weights into the first two convolutions: they keep "
+                            "their random initialisation and stay frozen, as the brief freezes them (logged, "
+                            "recorded in modelo.h5 and metrics.json)")
+    train.add_argument("--train-first-convs", action="store_true",
+                       help="let the optimizer update the first two convolutions instead of freezing them "
+                            "(departs from the brief; with --no-pretrained they then learn from scratch, "
+                            "about 15%% more time per training step on the CPU)")
     train.add_argument("--vgg16-weights", metavar="PATH",
                        help="torchvision VGG16 state dict to take the first two convolutions from "
                             "(default: torch hub's cache, as torchvision.models.vgg16 does)")
@@ -155,6 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data_dir=args.data_dir, out=args.out, weights_out=args.weights_out, loader=args.loader,
         device=args.device, epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers,
         seed=args.seed, paciencia=args.paciencia, pretrained=not args.no_pretrained,
+        train_first_convs=args.train_first_convs,
         vgg16_weights=args.vgg16_weights, train_subset=args.train_subset, tta=tuple(args.tta),
         eval_gain=1.0 if args.eval_gain is None else args.eval_gain, eval_noise=bool(args.eval_noise),
         decoded_cache=args.decoded_cache, bn_recalibrate=args.bn_recalibrate or 0,

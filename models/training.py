@@ -13,6 +13,7 @@ import logging
 import platform
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,8 @@ def evaluate_all(model: torch.nn.Module, loader, device: torch.device, total: in
 
 
 def build_model(settings, device: torch.device) -> VGG16DWSep:
+    """VGG16DWSep with its first two convolutions from ImageNet VGG16 (or random with
+    --no-pretrained), frozen unless --train-first-convs."""
     model = VGG16DWSep(num_classes=2)
     if settings.pretrained:
         load_vgg16_first_convs(model, imagenet_vgg16_state_dict(settings.vgg16_weights))
@@ -84,7 +87,18 @@ def build_model(settings, device: torch.device) -> VGG16DWSep:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
         freeze_first_convs(model)
+    if settings.train_first_convs:
+        logger.warning("--train-first-convs: the first two convolutions are trained, not frozen as in the brief")
+        freeze_first_convs(model, frozen=False)
     return model.to(device, memory_format=torch.channels_last)
+
+
+def first_convs_note(settings) -> str:
+    """What the first two convolutions are in this run, for modelo.h5 and metrics.json."""
+    state = "trained" if settings.train_first_convs else "frozen"
+    if settings.pretrained:
+        return f"ImageNet VGG16 features.0/features.2, {state}"
+    return f"NONE: first two convolutions random (--no-pretrained), {state}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,11 +146,17 @@ def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: s
 
 
 def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            stopper: EarlyStopping, device: torch.device) -> tuple[list[dict], dict, int, bool]:
+            stopper: EarlyStopping, device: torch.device, settings: Any) -> tuple[list[dict], dict, int, bool]:
     """Load a checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    saved = ckpt.get("settings", {})  # the optimizer holds the trainable parameters: they must be the same
+    theirs = first_convs_note(SimpleNamespace(pretrained=saved.get("pretrained", True),
+                                              train_first_convs=saved.get("train_first_convs", False)))
+    if theirs != first_convs_note(settings):
+        raise ValueError(f"--resume: {ckpt_path} was trained with first convolutions {theirs!r}, this run asks "
+                         f"for {first_convs_note(settings)!r}; give the same options or another --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     stopper.load_state_dict(ckpt["early_stopping"])
@@ -194,14 +214,13 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     run = Run(settings, index, model,
               torch.optim.Adam(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay),
               EarlyStopping(modo="min", paciencia=settings.paciencia),
-              "ImageNet VGG16 features.0/features.2, frozen" if settings.pretrained
-              else "NONE: first two convolutions random (--no-pretrained), frozen")
+              first_convs_note(settings))
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
     start_epoch = 0
     if resume:
         run.history, run.best, start_epoch, stopped = restore(run.out / CHECKPOINT, model, run.optimizer,
-                                                               run.stopper, device)
+                                                               run.stopper, device, settings)
         if stopped:
             logger.info("that run had already stopped early: %s", run.stopper.reason)
             start_epoch = settings.epochs

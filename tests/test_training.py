@@ -238,3 +238,28 @@ def test_eval_only_prints_one_json_object(small_set, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["test"]) == {"no_tta", "tta2"}
     assert 0 <= result["test"]["no_tta"]["accuracy"] <= 1
+
+
+def test_train_first_convs_moves_them_and_is_recorded(small_set, tmp_path):
+    torch.manual_seed(0)
+    summary = train(settings_for(small_set, tmp_path, epochs=1, tta=(), train_first_convs=True), torch.device("cpu"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(0)
+    from models.vgg16dwsep import VGG16DWSep
+
+    init = VGG16DWSep().state_dict()
+    for key in ("features.0.weight", "features.0.bias", "features.2.weight", "features.2.bias"):
+        assert not torch.equal(ckpt["model"][key], init[key]), key
+    assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in VGG16DWSep().parameters())  # all in Adam
+    assert summary["pretrained"] == "NONE: first two convolutions random (--no-pretrained), trained"
+    assert read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]["settings"]["train_first_convs"] is True
+
+
+def test_resume_refuses_other_first_convolutions(small_set, tmp_path, capsys):
+    base = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
+            "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--tta"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2", "--resume", "--train-first-convs"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "frozen" in err and "trained" in err and "Traceback" not in err

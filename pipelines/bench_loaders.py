@@ -2,8 +2,8 @@
 
 Every loader reads the same files in the same order (the file list repeated ``repeats``
 times), applies the full training augmentation and delivers float32 N x 3 x 224 x 224 batches
-(on the GPU for DALI GPU, on the CPU otherwise).  Images per second exclude the first batch
-(worker and pipeline start-up).  Run through ``python -m pipelines.bench --sections loaders``.
+(on the GPU for DALI GPU, on the CPU otherwise).  Images per second exclude the first batch of
+each worker (worker and pipeline start-up; ``pipelines.bench.warmup_batches``).  Run through ``python -m pipelines.bench --sections loaders``.
 """
 from __future__ import annotations
 

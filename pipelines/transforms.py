@@ -12,7 +12,8 @@ The evaluation transform is steps 1 and 2.  Each toolchain is a decoder (``pipel
 plus a ``torchvision.transforms.Compose`` of these steps written with one library; all end in a
 float32 3 x 224 x 224 tensor.  Randomness comes from torch's generator, which ``DataLoader``
 seeds per worker from its own seeded generator, so a seed fixes the whole run.
-Interpolation is bilinear everywhere (with antialiasing when shrinking), and a positive angle
+Resizing is bilinear with antialiasing in the PIL and scikit-image chains and area averaging
+(``cv2.INTER_AREA``) in the cv2 chain; rotation is bilinear everywhere, and a positive angle
 turns the image counter-clockwise, as in ``torchvision.transforms.functional.rotate``.
 """
 from __future__ import annotations
@@ -264,7 +265,7 @@ def _pil_torch(loader: Callable[[str], object], name: str, description: str) -> 
 
 def _cv2() -> Toolchain:
     return Toolchain(
-        "cv2", "OpenCV IMREAD_REDUCED decode + cv2 resize/warpAffine, torch noise",
+        "cv2", "OpenCV IMREAD_REDUCED decode + cv2 resize/warpAffine, numpy noise seeded from torch",
         imageio.load_cv2_reduced,
         T.Compose([CvResize(), CvToFloat01(), CvRandomFlip(), CvRandomRotate(),
                    HwcNoiseToTensor()]),
@@ -273,7 +274,7 @@ def _cv2() -> Toolchain:
 
 def _skimage() -> Toolchain:
     return Toolchain(
-        "skimage", "scikit-image decode, resize and rotate, torch noise", imageio.load_skimage,
+        "skimage", "scikit-image decode, resize and rotate, numpy noise seeded from torch", imageio.load_skimage,
         T.Compose([SkResize(), CvToFloat01(), CvRandomFlip(), SkRandomRotate(), HwcNoiseToTensor()]),
         T.Compose([SkResize(), CvToFloat01(), HwcToTensor()]))
 
@@ -287,7 +288,7 @@ TOOLCHAINS: dict[str, Callable[[], Toolchain]] = {
     "skimage": _skimage,
 }
 
-#: Chosen by ``python -m pipelines.bench`` (see README, "Profiling the transform").
+#: Chosen by ``python -m pipelines.bench`` (see README, "The transform, and how its tools were chosen").
 DEFAULT_TOOLCHAIN = "cv2"
 
 

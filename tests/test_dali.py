@@ -30,7 +30,9 @@ FULLRES = DATA / "chest_xray_fullres"
 SMALL = DATA / "chest_xray_224"
 SIZE = 224
 N_INDEX_FILES = 37
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def requires_cuda(test):
+    """Mark a test ``gpu`` and skip it where CUDA is absent (one decorator for both)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 def index_value(i: int) -> int:
@@ -474,7 +476,6 @@ def test_gpu_outputs_on_device_with_partial_batch(images, augment):
         assert 0 <= x.min() and x.max() <= (1.5 if augment else 1.0) + 1e-6
 
 
-@pytest.mark.gpu
 @requires_cuda
 def test_gpu_eval_close_to_cpu_eval():
     files = real_files()

@@ -193,7 +193,6 @@ def test_bench_rows_and_dataloader_workers_forked_after_dali():
     assert [r["images"] for r in rows] == [6, 12, 12, 12]
 
 
-@pytest.mark.gpu
 @requires_cuda
 def test_gpu_cached_loader_on_device_and_eval_equal_to_cpu():
     """From the cache the GPU eval graph only transposes and divides, so it matches the

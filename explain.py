@@ -26,6 +26,7 @@ from explainer.core import DEFAULT_BATCH_SIZE, DEFAULT_SIGMA, Explanation, Surro
 from explainer.figures import plot_grid, plot_importance, plot_perturbations, plot_segments, run_title
 from explainer.models import BriefTraining, LoadedModel, explanation_image, load_inception_v3, load_vgg16dwsep
 from explainer.segmentation import SEGMENTATIONS, SegmentationSettings, describe, segment
+from models.engine import resolve_device
 from pipelines.files import atomic_path
 
 logger = logging.getLogger("explain")
@@ -115,15 +116,6 @@ def settings_from_args(args: argparse.Namespace) -> ExplainSettings:
         samples=args.samples, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size, top_k=args.top_k,
         C=args.C, l1=args.l1, max_superpixels=args.max_superpixels, tree_depth=args.tree_depth,
         train_steps=args.train_steps, device=args.device, json=args.json, amp=not args.no_amp)
-
-
-def choose_device(name: str) -> torch.device:
-    """The device, chosen once here: CUDA when present for ``auto``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available")
-    return torch.device(name)
 
 
 def load_model(settings: ExplainSettings, device: torch.device) -> LoadedModel:
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
-        report = run(settings, choose_device(settings.device))
+        report = run(settings, resolve_device(settings.device))
     except (FileNotFoundError, ValueError) as error:
         print(f"explain.py: error: {error}", file=sys.stderr)
         return 1

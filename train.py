@@ -171,17 +171,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def resolve_device(name: str):
     """The one place where the device is chosen (under torchrun: this rank's GPU, LOCAL_RANK)."""
-    import torch
+    from models.engine import resolve_device as device_for
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
+    return device_for(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def start_distributed(device) -> bool:

@@ -42,6 +42,20 @@ TRAIN_KEYS = ("loss", "accuracy", "images", "seconds", "images_per_s")
 METRIC_KEYS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc", "confusion_matrix", "n")
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a command line asks for, chosen once at the edge: ``auto`` = CUDA when present
+    (GPU ``local_rank``, torchrun's LOCAL_RANK), else the CPU; ``cuda`` without an index = GPU
+    ``local_rank``.  Raises ValueError for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively: CUDA, or a CPU with AVX512-BF16/AMX
     (oneDNN's check). Elsewhere bf16 autocast on the CPU is emulated and slower than fp32."""

@@ -78,16 +78,24 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
     return sorted(times)[len(times) // 2]
 
 
+def training_setup(device: torch.device, *, input_size: int = 224, separable: bool = True,
+                   channels_last: bool = True, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A seeded VGG16DWSep on ``device`` and its Adam, as training builds them for timing: the two
+    ImageNet convolutions frozen (no gradient, not in the optimizer), lr 1e-4, weight decay 1e-5."""
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = VGG16DWSep(input_size=input_size, separable=separable).to(device, memory_format=fmt)
+    freeze_first_convs(model)
+    return model, torch.optim.Adam(trainable_parameters(model), lr=1e-4, weight_decay=1e-5)
+
+
 def step_times(separable: bool, device: torch.device, batch_size: int = 16, input_size: int = 224,
                amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                warmup: int = 1, repeats: int = 3) -> dict[str, float]:
     """Seconds per training step (forward, backward, Adam) and per inference batch."""
-    torch.manual_seed(0)
-    model = VGG16DWSep(input_size=input_size, separable=separable).to(device)
+    model, optimizer = training_setup(device, input_size=input_size, separable=separable,
+                                      channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    freeze_first_convs(model)  # as in training: the two ImageNet convolutions take no gradient
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4, weight_decay=1e-5)
     x = torch.rand(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 2, (batch_size,), device=device)
 

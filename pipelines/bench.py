@@ -1,7 +1,8 @@
-"""Benchmarks: transform toolchains (per step), ``num_workers`` sweep, loaders.
+"""Benchmarks: transform toolchains (per step), ``num_workers`` sweep, loaders, training fed by them.
 
-    python -m pipelines.bench                      # everything, tables on stdout
+    python -m pipelines.bench                      # transforms, workers, loaders: tables on stdout
     python -m pipelines.bench --sections transforms --json out.json
+    python -m pipelines.bench --sections training  # training fed by each loader (meant for a GPU)
 
 Single-process timings run with one torch and one OpenCV thread, like a DataLoader worker.
 Every ratio in a table is measured in the same run on the same files.
@@ -213,6 +214,13 @@ def format_transform_table(rows: list[ChainTiming]) -> str:
     return "\n".join(out)
 
 
+def cell(key: str, value: object) -> str:
+    """A table cell: ratios (``x_...``) to 2 decimals, other floats to 1, None empty."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if key.startswith("x_") else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
 def format_rows(title: str, rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -220,8 +228,7 @@ def format_rows(title: str, rows: list[dict]) -> str:
     out = [f"\n## {title}\n", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         cells = (r.get(k, "") for k in keys)
-        out.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else "" if v is None else str(v)
-                                     for v in cells) + " |")
+        out.append("| " + " | ".join(cell(k, v) for k, v in zip(keys, cells)) + " |")
     return "\n".join(out)
 
 
@@ -230,15 +237,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_SHARED,
                    help="folder holding chest_xray_fullres/ and chest_xray_224/ (default: %(default)s)")
     p.add_argument("--sections", nargs="+", default=["transforms", "workers", "loaders"],
-                   choices=["transforms", "workers", "loaders"])
+                   choices=["transforms", "workers", "loaders", "training"],
+                   help="what to measure (default: %(default)s); 'training' trains VGG16DWSep fed by each "
+                        "loader against the same batches already on the device (pipelines.bench_training; "
+                        "about 1.3 s a step at batch 16 on this 2-core CPU, meant for a GPU)")
     p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS))
     p.add_argument("--n224", type=int, default=400, help="files of chest_xray_224 to use")
     p.add_argument("--repeats", type=int, default=10,
                    help="passes over the files per measurement (default 10: with fewer, a loader's start-up "
                         "weighs on its figure)")
+    p.add_argument("--min-images", type=int, default=0,
+                   help="loaders section: at least this many images per measurement, by more passes over a "
+                        "small file set (default: %(default)s, --repeats alone)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--train-steps", type=int, default=40,
+                   help="training section: timed steps per feed, after 5 untimed (default: %(default)s)")
+    p.add_argument("--train-batch-size", type=int, default=16,
+                   help="training section: batch size (default: %(default)s, train.py's)")
+    p.add_argument("--device", default="auto",
+                   help="training section: cpu, cuda, cuda:N or auto = CUDA when present (default)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here (after each section)")
     return p
 
 
@@ -265,24 +284,44 @@ def main(argv: list[str] | None = None) -> int:
         text.append(format_transform_table(rows))
         text.append(f"\ndecode alone ({DEFAULT_TOOLCHAIN} loader) on chest_xray_fullres: "
                     f"{results['decode_only_ms_fullres']:.2f} ms/img")
+        save(results, args.json)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if "workers" in args.sections:
         rows = bench_workers(datasets["chest_xray_fullres"], args.workers, max(1, args.repeats), 16)
         results["workers"] = rows
         text.append(format_rows(f"num_workers sweep: default chain ({DEFAULT_TOOLCHAIN}) on "
                                 "chest_xray_fullres, batch 16", rows))
+        save(results, args.json)
     if "loaders" in args.sections:
         from .bench_loaders import bench_loaders
 
-        rows = bench_loaders(datasets, args.batch_sizes, max(1, args.repeats))
+        rows = bench_loaders(datasets, args.batch_sizes, max(1, args.repeats), min_images=args.min_images)
         results["loaders"] = rows
         text.append(format_rows("loaders (img/s, same files, same run)", rows))
+        save(results, args.json)
+    if "training" in args.sections:
+        from models.engine import resolve_device
+
+        from .bench_training import bench_training_feed
+
+        device = resolve_device(args.device)
+        rows = bench_training_feed(datasets["chest_xray_fullres"], args.train_batch_size, args.train_steps,
+                                   os.cpu_count() or 1, device)
+        results["training"] = rows
+        text.append(format_rows(f"training VGG16DWSep on {device}, fed by each loader (chest_xray_fullres; "
+                                "img/s of training steps)", rows))
+        save(results, args.json)
     print("\n".join(text))
-    if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(args.json)
     return 0
+
+
+def save(results: dict, path: Path | None) -> None:
+    """Write the results so far (atomically), so a section that fails or is killed keeps the earlier ones."""
+    if path is None:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ each worker (worker and pipeline start-up; ``pipelines.bench.warmup_batches``). 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -20,12 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def torchvision_loader(files: list[str], order: list[int], toolchain: str, batch_size: int,
-                       workers: int, shared_batches: bool) -> TorchvisionLoader:
+                       workers: int, shared_batches: bool, device: torch.device | str = "cpu") -> TorchvisionLoader:
     """``shared_batches``: our reused shared batches (``pipelines.shared_batches``), or DataLoader's
-    own batch transport, as users write it (the plain baseline)."""
+    own batch transport, as users write it (the plain baseline); batches delivered on ``device``."""
     chain = get_toolchain(toolchain)
     return TorchvisionLoader(folder_dataset(files, chain.loader, chain.train), order,
-                             batch_size=batch_size, num_workers=workers, shared_batches=shared_batches)
+                             batch_size=batch_size, num_workers=workers, shared_batches=shared_batches,
+                             device=device)
 
 
 def dali_loader(files: list[str], order: list[int], batch_size: int, workers: int, device_id: int | None):
@@ -57,11 +59,14 @@ def loader_factories(workers: int) -> dict[str, object]:
 
 
 def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeats: int,
-                  workers: int | None = None) -> list[dict]:
+                  workers: int | None = None, min_images: int = 0) -> list[dict]:
+    """Every loader of ``loader_factories`` on each data set, ``repeats`` passes over its files, or
+    more where needed for ``min_images`` images (a small file set on a many-core machine)."""
     workers = workers or os.cpu_count() or 1
     rows = []
     for ds_name, files in datasets.items():
-        order = repeated_sampler(len(files), repeats)
+        passes = max(repeats, math.ceil(min_images / len(files)))
+        order = repeated_sampler(len(files), passes)
         baselines: dict[int, float] = {}
         for batch_size in batch_sizes:
             for name, factory in loader_factories(workers).items():
@@ -76,7 +81,7 @@ def bench_loaders(datasets: dict[str, list[str]], batch_sizes: list[int], repeat
                 rows.append(row | {"images_per_s": ips, "x_plain": ips / baselines[batch_size]})
                 logger.info("%s, %s, batch %d: %.1f img/s", ds_name, name, batch_size, ips)
         try:
-            rows += cached_rows(ds_name, files, batch_sizes, repeats, workers, baselines)
+            rows += cached_rows(ds_name, files, batch_sizes, passes, workers, baselines)
         except Exception as err:  # noqa: BLE001
             logger.exception("%s, decoded-cache loaders failed", ds_name)
             rows.append({"data": ds_name, "loader": "decoded-cache loaders", "error": failure(err)})

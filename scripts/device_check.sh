@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
-#   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
+#   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports),
+#      then training fed by each loader against the same batches already in GPU memory
 #   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision,
 #      validated and tested with --eval-gain 1.35 (README: train/test brightness) and BatchNorm statistics
 #      re-estimated over 1600 training images before each pass (--bn-recalibrate), then its weights evaluated
 #      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own
 #      transform; should DALI training fail with a minute of its limit left, the torchvision loader trains
 #      in the time left (step_train)
-# GPU step limits add up to 560 s (90 + 170 + 240 + 30 + 30): with the start-up, under timeout_s=580.
+# GPU step limits add up to 560 s (70 + 190 + 240 + 30 + 30): with the start-up, under timeout_s=580.
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
 #
-# On the GPU machine (after staging DALI as DEVICE.md says, or without DALI):
+# On the GPU machine (after staging DALI as DEVICE.md says, or without DALI), with the data staged here
+# by scripts/stage_device_data.sh (the 224 set and a third of the full-resolution files, 53 MiB):
 #   run(command="bash scripts/device_check.sh", carry=[".data"], timeout_s=580)
 # Here, to try the CPU part:  DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh
 set -uo pipefail
@@ -30,7 +32,7 @@ NPROC=$(nproc)
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  echo "loader for training: $LOADER; cores: $NPROC; data: $DATA"
+  echo "loader for training: $LOADER; cores: $NPROC; data: $DATA ($(find "$DATA/chest_xray_fullres" -name "*.jpeg" 2>/dev/null | wc -l) full-resolution files)"
 } | tee "$OUT/summary.txt"
 
 step() {  # name, seconds, command...
@@ -61,8 +63,8 @@ step_train() {  # seconds, train.py options...: train with $LOADER; should DALI 
 
 if [ "$CPU" = 1 ]; then
   step count_params 300 $PY train.py --count-params --device cpu --batch-size 4
-  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 --n224 64 \
-       --batch-sizes 16 --json "$OUT/bench.json"
+  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders training --repeats 1 \
+       --min-images 64 --n224 64 --batch-sizes 16 --train-steps 1 --train-batch-size 2 --json "$OUT/bench.json"
   step_train 300 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
@@ -71,9 +73,9 @@ if [ "$CPU" = 1 ]; then
   step eval_brief_transform 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
 else
-  step count_params 90 $PY train.py --count-params --device cuda --batch-size 64
-  step bench 170 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 60 --n224 500 \
-       --batch-sizes 64 256 --json "$OUT/bench.json"
+  step count_params 70 $PY train.py --count-params --device cuda --batch-size 64
+  step bench 190 $PY -m pipelines.bench --data "$DATA" --sections loaders training --repeats 20 \
+       --min-images 9600 --n224 500 --batch-sizes 64 256 --train-steps 40 --json "$OUT/bench.json"
   step_train 240 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 \
        --out "$OUT/run" \

@@ -35,15 +35,43 @@ def test_gpu_part_has_the_same_steps_within_the_device_budget() -> None:
     assert sum(limit for _, limit in gpu) <= GPU_BUDGET_S, gpu
 
 
+def gpu_bench_options() -> dict[str, str]:
+    text = (ROOT / "scripts" / "device_check.sh").read_text()
+    bench = re.search(r"step bench \d+ (.*?)--json", text.split("\nelse\n", 1)[1], re.S).group(1)
+    return dict(re.findall(r"--([\w-]+) ((?:[\w.]+ ?)+)", bench.replace("\\\n", " ")))
+
+
 def test_gpu_bench_gives_every_loader_enough_timed_batches() -> None:
     """The loader benchmark leaves out one batch per worker (pipelines.bench.warmup_batches); on a
-    machine of up to 32 cores the full-resolution files (160) must still leave most batches timed."""
-    text = (ROOT / "scripts" / "device_check.sh").read_text()
-    gpu_part = text.split("\nelse\n", 1)[1]
-    bench = re.search(r"step bench \d+ (.*?)--json", gpu_part, re.S).group(1)
-    repeats = int(re.search(r"--repeats (\d+)", bench).group(1))
-    largest_batch = max(int(b) for b in re.search(r"--batch-sizes ([\d ]+)", bench).group(1).split())
-    assert 160 * repeats // largest_batch >= 32 + 5, (repeats, largest_batch)
+    machine of up to 32 cores the staged full-resolution files, repeated up to --min-images, must
+    still leave most batches timed; the training feed runs as many steps as train.py's batch size."""
+    options = gpu_bench_options()
+    largest_batch = max(int(b) for b in options["batch-sizes"].split())
+    staged = 54  # scripts/stage_device_data.sh on ../shared/data (checked below)
+    images = max(staged * int(options["repeats"]), int(options["min-images"]))
+    assert images // largest_batch >= 32 + 5, (images, largest_batch)
+    assert options["sections"].split() == ["loaders", "training"] and int(options["train-steps"]) >= 20
+
+
+@pytest.mark.skipif(not (DATA / "chest_xray_fullres").is_dir(), reason="needs ../shared/data")
+def test_staged_device_data_fits_one_call(tmp_path: Path) -> None:
+    dest = tmp_path / "data"
+    done = subprocess.run(["bash", "scripts/stage_device_data.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {"SRC": str(DATA), "DEST": str(dest)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fullres = sorted(p.relative_to(dest / "chest_xray_fullres") for p in (dest / "chest_xray_fullres").rglob("*.jpeg"))
+    assert len(fullres) == 54 and {p.parts[0] for p in fullres} == {"NORMAL", "PNEUMONIA"}
+    assert len(list((dest / "chest_xray_224").rglob("*.jpeg"))) == 5632  # the whole training set travels
+    staged = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    tree = len(subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True).stdout)
+    assert staged + tree <= 60 * 2**20, (staged, tree)  # the call carries 64 MiB in all: keep a margin
+    whole = list((DATA / "chest_xray_fullres").rglob("*.jpeg"))
+    mean_whole = sum(p.stat().st_size for p in whole) / len(whole)
+    mean_staged = sum((dest / "chest_xray_fullres" / p).stat().st_size for p in fullres) / len(fullres)
+    assert 0.75 < mean_staged / mean_whole < 1.25  # a spread like the whole set's, not its smallest files
+    tight = subprocess.run(["bash", "scripts/stage_device_data.sh"], cwd=ROOT, capture_output=True, text=True,
+                           env=os.environ | {"SRC": str(DATA), "DEST": str(dest), "CARRY_MIB": "40"}, timeout=300)
+    assert tight.returncode == 1 and "too big to carry" in tight.stderr
 
 
 @pytest.mark.timeout(1800)

@@ -262,3 +262,18 @@ def test_batch_transport_script_prints_its_rows(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
     assert [row.split(" | ")[1] for row in rows] == btc.MODES
     assert all(float(row.split(" | ")[2]) > 0 for row in rows)
+
+
+def test_loader_benchmark_repeats_a_small_file_set_up_to_min_images(monkeypatch):
+    import pipelines.bench_loaders as bl
+
+    seen = []
+
+    def counting(files, order, batch_size):
+        seen.append(len(order))
+        return [(torch.zeros(batch_size, 3, 4, 4), torch.zeros(batch_size))] * (len(order) // batch_size)
+
+    monkeypatch.setattr(bl, "loader_factories", lambda workers: {"ours": counting})
+    monkeypatch.setattr(bl, "cached_rows", lambda *a: [])
+    rows = bl.bench_loaders({"few": ["f"] * 6, "many": ["f"] * 40}, [2], repeats=2, workers=1, min_images=32)
+    assert seen == [36, 80] and [r["images"] for r in rows] == [36, 80]  # ceil(32 / 6) = 6 passes of 6; 2 passes of 40

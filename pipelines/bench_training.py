@@ -1,0 +1,108 @@
+"""Training fed by each loader, against training on the same batches already on the device.
+
+The question a loader has to answer on a GPU machine is not its images per second alone but
+whether the training step waits for it.  Each row trains VGG16DWSep as ``train.py`` does (first
+two convolutions frozen, Adam, bf16 autocast + channels-last where native) through the training
+loop itself, ``models.engine.train_one_epoch``, for the same number of steps at the same batch
+size on the same files: first on batches made beforehand and held in the device's memory (the
+ceiling: no loading at all), then fed by our torchvision loader and by DALI (GPU where CUDA is,
+CPU otherwise).  ``x_resident`` is each row's images per second over the ceiling's; the issue's
+target is DALI at 0.9 or more on one H200.  The first ``warmup`` steps of every row (worker and
+pipeline start-up, cuDNN's first calls) are trained but not timed.
+
+    python -m pipelines.bench --sections training [--train-steps 40] [--batch-sizes 16]
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from models.cost import training_setup
+from models.engine import precision_label, precision_options, train_one_epoch
+
+from .bench import repeated_sampler
+from .bench_loaders import dali_loader, failure, torchvision_loader
+from .transforms import DEFAULT_TOOLCHAIN
+
+logger = logging.getLogger(__name__)
+
+RESIDENT = "same batches, already on the device"
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
+                   device: torch.device, warmup: int, opts: dict) -> tuple[int, float]:
+    """Train on every batch of ``batches``; return (images, seconds) of the steps after the first
+    ``warmup``, which are trained but not timed (``train_one_epoch`` raises ValueError when no
+    batch is left to time)."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 step, got {warmup}")
+    it = iter(batches)
+    train_one_epoch(model, itertools.islice(it, warmup), optimizer, device, epoch=0, progress=False, **opts)
+    synchronize(device)
+    start = time.perf_counter()
+    images = train_one_epoch(model, it, optimizer, device, epoch=0, progress=False, **opts)["images"]
+    synchronize(device)
+    return images, time.perf_counter() - start
+
+
+def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[list[str], list[int], int], Iterable[Batch]]]:
+    """name -> factory(files, order, batch_size) of a loader delivering training batches on ``device``."""
+    factories: dict[str, Callable] = {
+        f"torchvision ours ({DEFAULT_TOOLCHAIN})":
+            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=True,
+                                               device=device),
+    }
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        logger.warning("DALI not installed: the DALI row is skipped (pip install '.[dali]')")
+        return factories
+    on_gpu = device.type == "cuda"
+    factories[f"DALI {'GPU' if on_gpu else 'CPU'}"] = \
+        lambda f, o, b: dali_loader(f, o, b, workers, (device.index or 0) if on_gpu else None)
+    return factories
+
+
+def bench_training_feed(files: list[str], batch_size: int, steps: int, workers: int, device: torch.device,
+                        warmup: int = 5, use_amp: bool = True) -> list[dict]:
+    """One row per feed: the resident batches first (made by our torchvision loader, then moved to
+    the device), then each loader of ``feeding_loaders``; ``steps`` timed steps each."""
+    n_batches = steps + warmup
+    order = repeated_sampler(len(files), math.ceil(n_batches * batch_size / len(files)))[: n_batches * batch_size]
+    opts = precision_options(device, use_amp)
+    model, optimizer = training_setup(device, channels_last=opts["channels_last"])
+    factories = feeding_loaders(workers, device)
+    maker = next(iter(factories.values()))
+    resident = [(x.to(device).clone(), y.to(device).clone()) for x, y in maker(files, order, batch_size)]
+    feeds: dict[str, Callable[[], Iterable[Batch]]] = {RESIDENT: lambda: resident}
+    feeds |= {name: (lambda factory=factory: factory(files, order, batch_size)) for name, factory in factories.items()}
+    base = {"batch": batch_size, "steps": steps, "workers": workers, "precision": precision_label(opts),
+            "device": str(device)}
+    rows: list[dict] = []
+    ceiling: float | None = None  # set by the resident row, which comes first
+    for name, make in feeds.items():
+        row = base | {"feed": name}
+        try:
+            images, seconds = timed_training(model, optimizer, make(), device, warmup, opts)
+        except Exception as err:  # noqa: BLE001 - one failing back end must not cost the other rows
+            logger.exception("training fed by %s failed", name)
+            rows.append(row | {"images_per_s": None, "x_resident": None, "error": failure(err)})
+            continue
+        ips = images / seconds
+        if name == RESIDENT:
+            ceiling = ips
+        rows.append(row | {"images": images, "images_per_s": ips, "x_resident": ips / ceiling if ceiling else None})
+        logger.info("training fed by %s, batch %d: %.1f img/s", name, batch_size, ips)
+    return rows

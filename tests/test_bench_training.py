@@ -1,0 +1,69 @@
+"""Training fed by each loader against resident batches (pipelines.bench_training), on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.cost import training_setup
+from models.engine import precision_options
+from pipelines import bench_training as bt
+from pipelines.bench import format_rows
+
+from .helpers import FULLRES, real_files
+
+CPU = torch.device("cpu")
+
+
+def batches(n: int, size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(size, 3, 224, 224, generator=g), torch.randint(0, 2, (size,), generator=g)) for _ in range(n)]
+
+
+def test_timed_training_trains_every_batch_and_times_those_after_warmup():
+    model, optimizer = training_setup(CPU)
+    opts = precision_options(CPU, use_amp=False)
+    before = model.classifier[-1].weight.detach().clone()
+    consumed = []
+
+    def feed():
+        for b in batches(3):
+            consumed.append(b)
+            yield b
+
+    images, seconds = bt.timed_training(model, optimizer, feed(), CPU, warmup=1, opts=opts)
+    assert len(consumed) == 3 and images == 4 and seconds > 0  # 3 steps, the last 2 timed
+    assert not torch.equal(model.classifier[-1].weight, before)
+    assert torch.equal(model.features[0].weight, training_setup(CPU)[0].features[0].weight)  # frozen, as in train.py
+    with pytest.raises(ValueError, match="no batches"):
+        bt.timed_training(model, optimizer, batches(1), CPU, warmup=1, opts=opts)
+    with pytest.raises(ValueError, match="warmup"):
+        bt.timed_training(model, optimizer, batches(2), CPU, warmup=0, opts=opts)
+
+
+def test_training_fed_by_each_loader_on_real_files():
+    files = real_files(FULLRES, 3)
+    rows = bt.bench_training_feed(files, batch_size=2, steps=2, workers=1, device=CPU, warmup=1)
+    assert [r["feed"] for r in rows] == [bt.RESIDENT, "torchvision ours (cv2)", "DALI CPU"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["images"] == 4 and r["images_per_s"] > 0 and r["batch"] == 2 and r["device"] == "cpu"
+    assert rows[0]["x_resident"] == 1.0
+    assert rows[1]["x_resident"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+
+
+def test_a_failing_feed_is_reported_and_the_others_measured(monkeypatch):
+    def working(files, order, batch_size):
+        assert len(order) == 2 * batch_size  # steps + warmup batches, no more
+        return batches(len(order) // batch_size, batch_size)
+
+    def broken(files, order, batch_size):
+        raise RuntimeError("[/opt/dali/pipeline.cc:42] CUDA error:\n  no kernel image")
+
+    monkeypatch.setattr(bt, "feeding_loaders", lambda workers, device: {"ours": working, "DALI GPU": broken})
+    rows = bt.bench_training_feed(["a.jpeg"] * 5, batch_size=1, steps=1, workers=1, device=CPU, warmup=1)
+    assert [r["feed"] for r in rows] == [bt.RESIDENT, "ours", "DALI GPU"]
+    assert rows[1]["images"] == 1 and rows[1]["x_resident"] > 0
+    assert rows[2]["images_per_s"] is None and rows[2]["error"] == (
+        "RuntimeError: [/opt/dali/pipeline.cc:42] CUDA error: no kernel image")
+    table = format_rows("training", rows)
+    assert "| x_resident |" in table and "1.00" in table and "no kernel image" in table

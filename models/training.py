@@ -13,7 +13,6 @@ import logging
 import platform
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -86,10 +85,9 @@ def build_model(settings, device: torch.device) -> VGG16DWSep:
     else:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
-        freeze_first_convs(model)
+    freeze_first_convs(model, frozen=not settings.train_first_convs)
     if settings.train_first_convs:
         logger.warning("--train-first-convs: the first two convolutions are trained, not frozen as in the brief")
-        freeze_first_convs(model, frozen=False)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -151,12 +149,14 @@ def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-    saved = ckpt.get("settings", {})  # the optimizer holds the trainable parameters: they must be the same
-    theirs = first_convs_note(SimpleNamespace(pretrained=saved.get("pretrained", True),
-                                              train_first_convs=saved.get("train_first_convs", False)))
-    if theirs != first_convs_note(settings):
-        raise ValueError(f"--resume: {ckpt_path} was trained with first convolutions {theirs!r}, this run asks "
-                         f"for {first_convs_note(settings)!r}; give the same options or another --out")
+    # what the first convolutions are (the optimizer holds only the trainable ones), as saved; a
+    # checkpoint without the keys predates them: ImageNet weights asked for, frozen
+    saved = ckpt.get("settings", {})
+    theirs = {"pretrained": saved.get("pretrained", True), "train_first_convs": saved.get("train_first_convs", False)}
+    ours = {key: getattr(settings, key) for key in theirs}
+    if theirs != ours:
+        raise ValueError(f"--resume: {ckpt_path} was trained with {theirs}, this run asks for {ours} "
+                         "(--no-pretrained, --train-first-convs); give the same options or another --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     stopper.load_state_dict(ckpt["early_stopping"])

@@ -175,7 +175,7 @@ def load_vgg16_first_convs(model: nn.Module, state_dict: dict[str, torch.Tensor]
         for key in PRETRAINED_CONV_KEYS:
             parameters[key].copy_(state_dict[key])
     freeze_first_convs(model)
-    logger.info("loaded and froze ImageNet VGG16 %s", ", ".join(PRETRAINED_CONV_KEYS))
+    logger.info("loaded ImageNet VGG16 %s (frozen)", ", ".join(PRETRAINED_CONV_KEYS))
 
 
 def freeze_first_convs(model: nn.Module, frozen: bool = True) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import imageio
+from .files import atomic_path
 from .transforms import DEFAULT_TOOLCHAIN, TOOLCHAINS, get_toolchain
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     p.add_argument("--train-steps", type=int, default=40,
-                   help="training section: timed steps per feed, after 5 untimed (default: %(default)s)")
+                   help="training section: timed steps per feed, after max(5, 2 x workers) untimed (default: "
+                        "%(default)s; a loader slower than training may gain up to 2 x workers / steps)")
     p.add_argument("--train-batch-size", type=int, default=16,
                    help="training section: batch size (default: %(default)s, train.py's)")
     p.add_argument("--device", default="auto",
@@ -319,9 +321,8 @@ def save(results: dict, path: Path | None) -> None:
     """Write the results so far (atomically), so a section that fails or is killed keeps the earlier ones."""
     if path is None:
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ loop itself, ``models.engine.train_one_epoch``, for the same number of steps at 
 size on the same files: first on batches made beforehand and held in the device's memory (the
 ceiling: no loading at all), then fed by our torchvision loader and by DALI (GPU where CUDA is,
 CPU otherwise).  ``x_resident`` is each row's images per second over the ceiling's; the issue's
-target is DALI at 0.9 or more on one H200.  The first ``warmup`` steps of every row (worker and
-pipeline start-up, cuDNN's first calls) are trained but not timed.
+target is DALI at 0.9 or more on one H200.  The first steps of every row (worker and pipeline
+start-up, cuDNN's first calls, the batches workers hold ready) are trained but not timed.
 
-    python -m pipelines.bench --sections training [--train-steps 40] [--batch-sizes 16]
+    python -m pipelines.bench --sections training [--train-steps 200] [--train-batch-size 16]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from models.engine import precision_label, precision_options, train_one_epoch
 
 from .bench import repeated_sampler
 from .bench_loaders import dali_loader, failure, torchvision_loader
+from .shared_batches import PREFETCH_FACTOR
 from .transforms import DEFAULT_TOOLCHAIN
 
 logger = logging.getLogger(__name__)
@@ -42,19 +43,24 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
-                   device: torch.device, warmup: int, opts: dict) -> tuple[int, float]:
-    """Train on every batch of ``batches``; return (images, seconds) of the steps after the first
-    ``warmup``, which are trained but not timed (``train_one_epoch`` raises ValueError when no
-    batch is left to time)."""
+                   device: torch.device, warmup: int, steps: int, opts: dict) -> tuple[int, float]:
+    """Train on the first ``warmup`` batches untimed, then on the next ``steps`` timed; return
+    (images, seconds) of the timed ones.  The iterator is run to its end after the clock stops
+    (DataLoader joins its workers there).  ``train_one_epoch`` raises ValueError when no batch
+    is left to time."""
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1 step, got {warmup}")
     it = iter(batches)
     train_one_epoch(model, itertools.islice(it, warmup), optimizer, device, epoch=0, progress=False, **opts)
     synchronize(device)
     start = time.perf_counter()
-    images = train_one_epoch(model, it, optimizer, device, epoch=0, progress=False, **opts)["images"]
+    images = train_one_epoch(model, itertools.islice(it, steps), optimizer, device, epoch=0, progress=False,
+                             **opts)["images"]
     synchronize(device)
-    return images, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    for _ in it:  # nothing left but the loader's end of epoch
+        pass
+    return images, seconds
 
 
 def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[list[str], list[int], int], Iterable[Batch]]]:
@@ -78,24 +84,31 @@ def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[l
 def bench_training_feed(files: list[str], batch_size: int, steps: int, workers: int, device: torch.device,
                         warmup: int = 5, use_amp: bool = True) -> list[dict]:
     """One row per feed: the resident batches first (made by our torchvision loader, then moved to
-    the device), then each loader of ``feeding_loaders``; ``steps`` timed steps each."""
-    n_batches = steps + warmup
-    order = repeated_sampler(len(files), math.ceil(n_batches * batch_size / len(files)))[: n_batches * batch_size]
+    the device), then each loader of ``feeding_loaders``; ``steps`` timed steps each.
+
+    Every feed first trains ``max(warmup, PREFETCH_FACTOR x workers)`` steps untimed: DataLoader
+    workers hold up to PREFETCH_FACTOR batches each ready, made during start-up and the first slow
+    steps, which would otherwise come free in the timed ones.  A loader slower than training can
+    still be ahead by part of that buffer when the clock starts: its figure may be high by up to
+    ``PREFETCH_FACTOR x workers / steps`` (so give ``steps`` well above that)."""
     opts = precision_options(device, use_amp)
     model, optimizer = training_setup(device, channels_last=opts["channels_last"])
     factories = feeding_loaders(workers, device)
+    warmup = max(warmup, PREFETCH_FACTOR * workers)
+    n_batches = warmup + steps
+    order = repeated_sampler(len(files), math.ceil(n_batches * batch_size / len(files)))[: n_batches * batch_size]
     maker = next(iter(factories.values()))
     resident = [(x.to(device).clone(), y.to(device).clone()) for x, y in maker(files, order, batch_size)]
     feeds: dict[str, Callable[[], Iterable[Batch]]] = {RESIDENT: lambda: resident}
     feeds |= {name: (lambda factory=factory: factory(files, order, batch_size)) for name, factory in factories.items()}
-    base = {"batch": batch_size, "steps": steps, "workers": workers, "precision": precision_label(opts),
-            "device": str(device)}
+    base = {"batch": batch_size, "steps": steps, "warmup": warmup, "workers": workers,
+            "precision": precision_label(opts), "device": str(device)}
     rows: list[dict] = []
     ceiling: float | None = None  # set by the resident row, which comes first
     for name, make in feeds.items():
         row = base | {"feed": name}
         try:
-            images, seconds = timed_training(model, optimizer, make(), device, warmup, opts)
+            images, seconds = timed_training(model, optimizer, make(), device, warmup, steps, opts)
         except Exception as err:  # noqa: BLE001 - one failing back end must not cost the other rows
             logger.exception("training fed by %s failed", name)
             rows.append(row | {"images_per_s": None, "x_resident": None, "error": failure(err)})

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
-#   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports),
-#      then training fed by each loader against the same batches already in GPU memory
+#   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
+#   2b. training fed by each loader against the same batches already in GPU memory (feed)
 #   3. a whole training run on chest_xray_224 to early stop, fed by DALI when it imports, else torchvision,
 #      validated and tested with --eval-gain 1.35 (README: train/test brightness) and BatchNorm statistics
 #      re-estimated over 1600 training images before each pass (--bn-recalibrate), then its weights evaluated
 #      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own
 #      transform; should DALI training fail with a minute of its limit left, the torchvision loader trains
 #      in the time left (step_train)
-# GPU step limits add up to 560 s (70 + 190 + 240 + 30 + 30): with the start-up, under timeout_s=580.
+# GPU step limits add up to 560 s (70 + 150 + 60 + 220 + 30 + 30): with the start-up, under timeout_s=580.
+# DALI must be installed before this call (its install does not fit beside these limits): see below.
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
 #
-# On the GPU machine (after staging DALI as DEVICE.md says, or without DALI), with the data staged here
-# by scripts/stage_device_data.sh (the 224 set and a third of the full-resolution files, 53 MiB):
+# On the GPU machine: stage DALI as ../shared/DEVICE.md says (bash ../shared/device/stage_dali.sh prepare,
+# then one call per part), install it in a call of its own, run(command="bash .dali/install.sh",
+# timeout_s=300), then with the data staged here by scripts/stage_device_data.sh (the 224 set and a
+# third of the full-resolution files, 49 MiB beside the 4 MiB tree):
 #   run(command="bash scripts/device_check.sh", carry=[".data"], timeout_s=580)
+# Without DALI it runs too, with the torchvision rows only.
 # Here, to try the CPU part:  DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +36,7 @@ NPROC=$(nproc)
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  [ -d .dali ] && [ ! -f .dali/site/.done ] && echo "WARNING: .dali/ staged but not installed (run bash .dali/install.sh first): no DALI rows"
   echo "loader for training: $LOADER; cores: $NPROC; data: $DATA ($(find "$DATA/chest_xray_fullres" -name "*.jpeg" 2>/dev/null | wc -l) full-resolution files)"
 } | tee "$OUT/summary.txt"
 
@@ -63,8 +68,10 @@ step_train() {  # seconds, train.py options...: train with $LOADER; should DALI 
 
 if [ "$CPU" = 1 ]; then
   step count_params 300 $PY train.py --count-params --device cpu --batch-size 4
-  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders training --repeats 1 \
-       --min-images 64 --n224 64 --batch-sizes 16 --train-steps 1 --train-batch-size 2 --json "$OUT/bench.json"
+  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 \
+       --min-images 64 --n224 64 --batch-sizes 16 --json "$OUT/bench.json"
+  step feed 300 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 1 \
+       --train-batch-size 2 --json "$OUT/feed.json"
   step_train 300 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
@@ -74,9 +81,11 @@ if [ "$CPU" = 1 ]; then
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
 else
   step count_params 70 $PY train.py --count-params --device cuda --batch-size 64
-  step bench 190 $PY -m pipelines.bench --data "$DATA" --sections loaders training --repeats 20 \
-       --min-images 9600 --n224 500 --batch-sizes 64 256 --train-steps 40 --json "$OUT/bench.json"
-  step_train 240 --data-dir "$DATA/chest_xray_224" --no-pretrained \
+  step bench 150 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 \
+       --min-images 9600 --n224 500 --batch-sizes 64 256 --json "$OUT/bench.json"
+  step feed 60 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 300 \
+       --train-batch-size 16 --json "$OUT/feed.json"
+  step_train 220 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 \
        --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"

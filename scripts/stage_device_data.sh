@@ -15,26 +15,32 @@ FULLRES_MIB=${FULLRES_MIB:-18}
 CARRY_MIB=${CARRY_MIB:-64}
 [ -d "$SRC/chest_xray_224" ] && [ -d "$SRC/chest_xray_fullres" ] || {
   echo "error: $SRC must hold chest_xray_224/ and chest_xray_fullres/ (use SRC=...)" >&2; exit 2; }
+[ "$(realpath -m "$DEST")" != "$(realpath "$SRC")" ] || { echo "error: DEST is SRC" >&2; exit 2; }
 if [ "$DEST" = .data ] && git rev-parse --git-dir >/dev/null 2>&1; then
   git check-ignore -q .data/x || { echo "error: .data/ is not ignored by git; add '/.data/' to .gitignore" >&2; exit 2; }
 fi
+listing=$(cd "$SRC/chest_xray_fullres" && find . -type f -name '*.jpeg' -printf '%s %P\n' | sort -k2)
+[ -n "$listing" ] || { echo "error: no .jpeg under $SRC/chest_xray_fullres" >&2; exit 2; }
 rm -rf "$DEST"
 mkdir -p "$DEST/chest_xray_fullres"
 cp -r "$SRC/chest_xray_224" "$DEST/"
 budget=$((FULLRES_MIB * 1024 * 1024))
-mapfile -t files < <(cd "$SRC/chest_xray_fullres" && find . -type f -name '*.jpeg' | sort)
-total=$(cd "$SRC/chest_xray_fullres" && cat "${files[@]}" | wc -c)
+total=$(awk '{ s += $1 } END { print s }' <<< "$listing")
 stride=$(( (total + budget - 1) / budget ))  # every stride-th file: both classes, sizes as in the whole set
 used=0
-for ((i = 0; i < ${#files[@]}; i += stride)); do
-  size=$(stat -c %s "$SRC/chest_xray_fullres/${files[i]}")
-  [ $((used + size)) -le "$budget" ] || continue
-  mkdir -p "$DEST/chest_xray_fullres/$(dirname "${files[i]}")"
-  cp "$SRC/chest_xray_fullres/${files[i]}" "$DEST/chest_xray_fullres/${files[i]}"
-  used=$((used + size))
-done
+i=0
+while read -r size name; do
+  if [ $((i++ % stride)) -eq 0 ] && [ $((used + size)) -le "$budget" ]; then
+    mkdir -p "$DEST/chest_xray_fullres/$(dirname "$name")"
+    cp "$SRC/chest_xray_fullres/$name" "$DEST/chest_xray_fullres/$name"
+    used=$((used + size))
+  fi
+done <<< "$listing"
 data_bytes=$(du -sb "$DEST" | cut -f1)
-tree_bytes=$(git archive HEAD 2>/dev/null | wc -c || echo 0)
+# what travels beside it: tracked files and untracked ones git does not ignore (0 outside a checkout)
+tree_bytes=$( (git ls-files -co --exclude-standard -z 2>/dev/null || true) | du -cb --files0-from=- 2>/dev/null \
+             | tail -n 1 | cut -f1)
+tree_bytes=${tree_bytes:-0}
 n_fullres=$(find "$DEST/chest_xray_fullres" -type f | wc -l)
 n_224=$(find "$DEST/chest_xray_224" -type f | wc -l)
 echo "staged $DEST: chest_xray_224 $n_224 files, chest_xray_fullres $n_fullres files;" \

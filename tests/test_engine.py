@@ -253,3 +253,16 @@ def test_recalibration_refuses_an_empty_loader_and_leaves_batchnorm_free_models_
     with pytest.raises(ValueError, match="no images"):
         recalibrate_batchnorm(bn_net(), [], torch.device("cpu"))
     assert recalibrate_batchnorm(nn.Linear(2, 2), [(torch.zeros(1, 2), torch.zeros(1))], torch.device("cpu")) == 0
+
+
+def test_resolve_device_chooses_once_and_says_when_cuda_is_missing(monkeypatch):
+    from models.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun: this rank's GPU
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # an explicit index stays

@@ -114,8 +114,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "recorded in modelo.h5 and metrics.json)")
     train.add_argument("--train-first-convs", action="store_true",
                        help="let the optimizer update the first two convolutions instead of freezing them "
-                            "(departs from the brief; with --no-pretrained they then learn from scratch, "
-                            "about 15%% more time per training step on the CPU)")
+                            "(departs from the brief; with --no-pretrained they then learn from scratch; "
+                            "10-15%% more time per epoch on this project's CPU, and no better test figure there: "
+                            "README, 'VGG16DWSep')")
     train.add_argument("--vgg16-weights", metavar="PATH",
                        help="torchvision VGG16 state dict to take the first two convolutions from "
                             "(default: torch hub's cache, as torchvision.models.vgg16 does)")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.engine import resolve_device
+
 from . import imageio
 from .files import atomic_path
 from .transforms import DEFAULT_TOOLCHAIN, TOOLCHAINS, get_toolchain
@@ -241,7 +243,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    choices=["transforms", "workers", "loaders", "training"],
                    help="what to measure (default: %(default)s); 'training' trains VGG16DWSep fed by each "
                         "loader against the same batches already on the device (pipelines.bench_training; "
-                        "about 1.3 s a step at batch 16 on this 2-core CPU, meant for a GPU)")
+                        "about 1.1 s a step at batch 16 on this 2-core CPU, meant for a GPU)")
     p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS))
     p.add_argument("--n224", type=int, default=400, help="files of chest_xray_224 to use")
     p.add_argument("--repeats", type=int, default=10,
@@ -271,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         if not d.is_dir():
             print(f"error: benchmark data not found: {d} (use --data)", file=sys.stderr)
             return 2
+    try:  # the device is chosen here, before any section runs
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     datasets = {"chest_xray_fullres": list_images(fullres_dir),
                 "chest_xray_224": list_images(small_dir / "train", None)[:: max(1, 5216 // args.n224)][: args.n224]}
     single_thread()
@@ -302,11 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         text.append(format_rows("loaders (img/s, same files, same run)", rows))
         save(results, args.json)
     if "training" in args.sections:
-        from models.engine import resolve_device
-
         from .bench_training import bench_training_feed
 
-        device = resolve_device(args.device)
         rows = bench_training_feed(datasets["chest_xray_fullres"], args.train_batch_size, args.train_steps,
                                    os.cpu_count() or 1, device)
         results["training"] = rows

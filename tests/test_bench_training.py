@@ -71,3 +71,12 @@ def test_a_failing_feed_is_reported_and_the_others_measured(monkeypatch):
         "RuntimeError: [/opt/dali/pipeline.cc:42] CUDA error: no kernel image")
     table = format_rows("training", rows)
     assert "| x_resident |" in table and "1.00" in table and "no kernel image" in table
+
+
+def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, capsys, tmp_path):
+    from pipelines import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "b.json"
+    assert bench.main(["--sections", "transforms", "training", "--device", "cuda", "--json", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not out.exists()

@@ -37,6 +37,16 @@ def dali_loader(files: list[str], order: list[int], batch_size: int, workers: in
                       device_id=device_id, num_threads=workers)
 
 
+def dali_importable() -> bool:
+    """Whether DALI imports; when not, says that the DALI rows are skipped."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        logger.warning("DALI not installed: DALI rows skipped (pip install '.[dali]')")
+        return False
+    return True
+
+
 def loader_factories(workers: int) -> dict[str, object]:
     """name -> factory(files, order, batch_size); DALI entries only where DALI imports."""
     factories = {
@@ -47,10 +57,7 @@ def loader_factories(workers: int) -> dict[str, object]:
         f"torchvision ours ({DEFAULT_TOOLCHAIN})":
             lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=True),
     }
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        logger.warning("DALI not installed: DALI rows skipped (pip install '.[dali]')")
+    if not dali_importable():
         return factories
     factories["DALI CPU"] = lambda f, o, b: dali_loader(f, o, b, workers, None)
     if torch.cuda.is_available():

@@ -26,7 +26,7 @@ from models.cost import training_setup
 from models.engine import precision_label, precision_options, train_one_epoch
 
 from .bench import repeated_sampler
-from .bench_loaders import dali_loader, failure, torchvision_loader
+from .bench_loaders import dali_importable, dali_loader, failure, torchvision_loader
 from .shared_batches import PREFETCH_FACTOR
 from .transforms import DEFAULT_TOOLCHAIN
 
@@ -70,10 +70,7 @@ def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[l
             lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=True,
                                                device=device),
     }
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        logger.warning("DALI not installed: the DALI row is skipped (pip install '.[dali]')")
+    if not dali_importable():
         return factories
     on_gpu = device.type == "cuda"
     factories[f"DALI {'GPU' if on_gpu else 'CPU'}"] = \

@@ -110,6 +110,21 @@ def _batches(loader: Iterable[Batch], max_batches: int | None) -> tuple[Iterable
     return cut, max_batches if total is None else min(total, max_batches)
 
 
+LOSS_CHECK_EVERY_CUDA = 32
+
+
+def loss_check_interval(device: torch.device, check_every: int | None) -> int:
+    """Batches between two reads of the training loss on the host: ``check_every`` when given,
+    else 1 on the CPU (reading a CPU tensor costs nothing) and ``LOSS_CHECK_EVERY_CUDA`` on a GPU,
+    where each read waits for the step's kernels to finish and leaves the GPU idle while the host
+    queues the next step's."""
+    if check_every is None:
+        return LOSS_CHECK_EVERY_CUDA if torch.device(device).type == "cuda" else 1
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
+    return check_every
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -121,39 +136,58 @@ def train_one_epoch(
     channels_last: bool = False,
     progress: bool = True,
     max_batches: int | None = None,
+    check_every: int | None = None,
 ) -> dict[str, float]:
     """One pass of cross-entropy training; returns ``TRAIN_KEYS`` (loss and accuracy averaged
     per image, throughput in images per second).
 
     ``amp_dtype`` runs the forward pass under ``torch.autocast`` (bfloat16: float16 would need
     a gradient scaler, which this loop does not have). A non-finite loss raises
-    ``FloatingPointError`` before the optimizer step, so the weights stay those of the last
-    finite batch.
+    ``FloatingPointError`` naming its batch. The losses are read on the host every
+    ``check_every`` batches (``loss_check_interval``: every batch on the CPU, every 32 on a GPU,
+    so that no step waits for the one before it); a check comes before that batch's optimizer
+    step, so with 1 the weights stay those of the last finite batch, and with k > 1 up to k - 1
+    steps may have used a non-finite loss before the error (the epoch's checkpoint and modelo.h5
+    on disk are older and untouched). The progress bar's loss is updated at each check.
     """
     if amp_dtype == torch.float16:
         raise ValueError("amp_dtype torch.float16 needs gradient scaling; use torch.bfloat16")
     device = torch.device(device)
+    every = loss_check_interval(device, check_every)
     batches, total = _batches(loader, max_batches)
     model.train()
-    loss_sum, images_seen = 0.0, 0
+    loss_sum, images_seen, checked = 0.0, 0, 0
+    pending: list[tuple[torch.Tensor, int]] = []  # (loss, batch size) of the batches not read yet
     correct = torch.zeros((), dtype=torch.int64, device=device)
     start = time.perf_counter()
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for index, (images, labels) in enumerate(bar):
+
+    def read_losses() -> None:
+        nonlocal loss_sum, checked
+        values = torch.stack([loss for loss, _ in pending]).tolist()  # one host sync
+        for value, (_, batch_size) in zip(values, pending):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite training loss {value} at epoch {epoch}, batch {checked}")
+            loss_sum += value * batch_size
+            checked += 1
+        pending.clear()
+        bar.set_postfix(loss=f"{loss_sum / images_seen:.4f}", refresh=False)
+
+    for images, labels in bar:
         with autocast(device, amp_dtype):
             logits = model(_prepare(images, channels_last))
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch}, batch {index}")
-        optimizer.step()
         batch_size = labels.shape[0]
-        loss_sum += loss_value * batch_size
         images_seen += batch_size
+        pending.append((loss.detach(), batch_size))
+        if len(pending) == every:
+            read_losses()
+        optimizer.step()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
-        bar.set_postfix(loss=f"{loss_sum / images_seen:.4f}", refresh=False)
+    if pending:
+        read_losses()
     bar.close()
     if images_seen == 0:
         raise ValueError(f"the training loader gave no batches in epoch {epoch}")

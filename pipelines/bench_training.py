@@ -7,7 +7,9 @@ loop itself, ``models.engine.train_one_epoch``, for the same number of steps at 
 size on the same files: first on batches made beforehand and held in the device's memory (the
 ceiling: no loading at all), then fed by our torchvision loader and by DALI (GPU where CUDA is,
 CPU otherwise).  ``x_resident`` is each row's images per second over the ceiling's; the issue's
-target is DALI at 0.9 or more on one H200.  The first steps of every row (worker and pipeline
+target is DALI at 0.9 or more on one H200.  Where the loop reads its loss on the host every k > 1
+batches (on a GPU: ``models.engine.loss_check_interval``), a second row trains on the resident batches
+reading it after every batch, as the loop did before: what that per-step wait costs.  The first steps of every row (worker and pipeline
 start-up, cuDNN's first calls, the batches workers hold ready) are trained but not timed.
 
     python -m pipelines.bench --sections training [--train-steps 200] [--train-batch-size 16]
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from models.cost import training_setup
-from models.engine import precision_label, precision_options, train_one_epoch
+from models.engine import loss_check_interval, precision_label, precision_options, train_one_epoch
 
 from .bench import repeated_sampler
 from .bench_loaders import dali_importable, dali_loader, failure, torchvision_loader
@@ -33,6 +35,7 @@ from .transforms import DEFAULT_TOOLCHAIN
 logger = logging.getLogger(__name__)
 
 RESIDENT = "same batches, already on the device"
+RESIDENT_EVERY_STEP = RESIDENT + ", loss read every batch"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,19 +46,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
-                   device: torch.device, warmup: int, steps: int, opts: dict) -> tuple[int, float]:
+                   device: torch.device, warmup: int, steps: int, opts: dict,
+                   check_every: int | None = None) -> tuple[int, float]:
     """Train on the first ``warmup`` batches untimed, then on the next ``steps`` timed; return
     (images, seconds) of the timed ones.  The iterator is run to its end after the clock stops
     (DataLoader joins its workers there).  ``train_one_epoch`` raises ValueError when no batch
-    is left to time."""
+    is left to time; ``check_every`` goes to it."""
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1 step, got {warmup}")
     it = iter(batches)
-    train_one_epoch(model, itertools.islice(it, warmup), optimizer, device, epoch=0, progress=False, **opts)
+    train_one_epoch(model, itertools.islice(it, warmup), optimizer, device, epoch=0, progress=False,
+                    check_every=check_every, **opts)
     synchronize(device)
     start = time.perf_counter()
     images = train_one_epoch(model, itertools.islice(it, steps), optimizer, device, epoch=0, progress=False,
-                             **opts)["images"]
+                             check_every=check_every, **opts)["images"]
     synchronize(device)
     seconds = time.perf_counter() - start
     for _ in it:  # nothing left but the loader's end of epoch
@@ -79,7 +84,7 @@ def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[l
 
 
 def bench_training_feed(files: list[str], batch_size: int, steps: int, workers: int, device: torch.device,
-                        warmup: int = 5, use_amp: bool = True) -> list[dict]:
+                        warmup: int = 5, use_amp: bool = True, check_every: int | None = None) -> list[dict]:
     """One row per feed: the resident batches first (made by our torchvision loader, then moved to
     the device), then each loader of ``feeding_loaders``; ``steps`` timed steps each.
 
@@ -87,7 +92,11 @@ def bench_training_feed(files: list[str], batch_size: int, steps: int, workers: 
     workers hold up to PREFETCH_FACTOR batches each ready, made during start-up and the first slow
     steps, which would otherwise come free in the timed ones.  A loader slower than training can
     still be ahead by part of that buffer when the clock starts: its figure may be high by up to
-    ``PREFETCH_FACTOR x workers / steps`` (so give ``steps`` well above that)."""
+    ``PREFETCH_FACTOR x workers / steps`` (so give ``steps`` well above that).
+
+    ``check_every`` (default ``loss_check_interval``'s for the device) is how often every row reads its
+    loss on the host; when it is above 1 the resident batches get a second row with 1, right after the
+    first."""
     opts = precision_options(device, use_amp)
     model, optimizer = training_setup(device, channels_last=opts["channels_last"])
     factories = feeding_loaders(workers, device)
@@ -96,16 +105,20 @@ def bench_training_feed(files: list[str], batch_size: int, steps: int, workers: 
     order = repeated_sampler(len(files), math.ceil(n_batches * batch_size / len(files)))[: n_batches * batch_size]
     maker = next(iter(factories.values()))
     resident = [(x.to(device).clone(), y.to(device).clone()) for x, y in maker(files, order, batch_size)]
+    every = loss_check_interval(device, check_every)
     feeds: dict[str, Callable[[], Iterable[Batch]]] = {RESIDENT: lambda: resident}
+    if every > 1:
+        feeds[RESIDENT_EVERY_STEP] = lambda: resident
     feeds |= {name: (lambda factory=factory: factory(files, order, batch_size)) for name, factory in factories.items()}
     base = {"batch": batch_size, "steps": steps, "warmup": warmup, "workers": workers,
             "precision": precision_label(opts), "device": str(device)}
     rows: list[dict] = []
     ceiling: float | None = None  # set by the resident row, which comes first
     for name, make in feeds.items():
-        row = base | {"feed": name}
+        row_every = 1 if name == RESIDENT_EVERY_STEP else every
+        row = base | {"feed": name, "check_every": row_every}
         try:
-            images, seconds = timed_training(model, optimizer, make(), device, warmup, steps, opts)
+            images, seconds = timed_training(model, optimizer, make(), device, warmup, steps, opts, row_every)
         except Exception as err:  # noqa: BLE001 - one failing back end must not cost the other rows
             logger.exception("training fed by %s failed", name)
             rows.append(row | {"images_per_s": None, "x_resident": None, "error": failure(err)})

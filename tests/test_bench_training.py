@@ -80,3 +80,26 @@ def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, cap
     out = tmp_path / "b.json"
     assert bench.main(["--sections", "transforms", "training", "--device", "cuda", "--json", str(out)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_deferred_loss_check_gets_a_per_step_row_beside_it(monkeypatch):
+    """Where the loop reads its loss every k > 1 batches (a GPU's default), the resident batches are also
+    trained reading it every batch, so the device check measures what the per-step wait costs."""
+    seen = []
+    real = bt.train_one_epoch
+
+    def spy(*args, **kw):
+        seen.append(kw["check_every"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bt, "train_one_epoch", spy)
+    monkeypatch.setattr(bt, "feeding_loaders", lambda workers, device: {
+        "ours": lambda files, order, batch_size: batches(len(order) // batch_size, batch_size)})
+    rows = bt.bench_training_feed(["a.jpeg"] * 5, batch_size=1, steps=2, workers=1, device=CPU, warmup=1,
+                                  check_every=4)
+    assert [(r["feed"], r["check_every"]) for r in rows] == [
+        (bt.RESIDENT, 4), (bt.RESIDENT_EVERY_STEP, 1), ("ours", 4)]
+    assert seen == [4, 4, 1, 1, 4, 4]  # warm-up and timed steps of each row
+    assert rows[1]["x_resident"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    default = bt.bench_training_feed(["a.jpeg"] * 5, batch_size=1, steps=1, workers=1, device=CPU, warmup=1)
+    assert [r["check_every"] for r in default] == [1, 1]  # the CPU reads every batch: no extra row

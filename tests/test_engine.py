@@ -18,6 +18,7 @@ from models.engine import (
     best_epoch,
     classification_metrics,
     evaluate,
+    loss_check_interval,
     plot_confusion_matrix,
     plot_learning_curves,
     predict,
@@ -94,6 +95,66 @@ def test_non_finite_loss_raises_and_skips_the_step() -> None:
     with pytest.raises(FloatingPointError, match=r"epoch 3, batch 0"):
         train_one_epoch(model, bright_pneumonia_batches(), optimizer, CPU, epoch=3, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def nan_at(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """bright_pneumonia_batches with NaN images in batch ``batch`` alone."""
+    data = bright_pneumonia_batches()
+    images, labels = data[batch]
+    data[batch] = (torch.full_like(images, float("nan")), labels)
+    return data
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 4, 9])
+def test_a_deferred_loss_check_still_names_the_non_finite_batch(every: int) -> None:
+    model = tiny_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 2$"):
+        train_one_epoch(model, nan_at(2), optimizer, CPU, epoch=1, progress=False, check_every=every)
+
+
+@pytest.mark.parametrize(("every", "steps_before_the_error"), [(1, 2), (3, 2), (4, 3)])
+def test_the_check_comes_every_k_batches_before_that_batch_step(every: int, steps_before_the_error: int) -> None:
+    """NaN in batch 2: checked every batch or every 3, the error comes before batch 2's step (weights of
+    2 finite steps); every 4, it comes after batch 2's step, at batch 3's check (the weights are NaN)."""
+    data = nan_at(2)
+    reference = tiny_net()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    train_one_epoch(reference, data[:2], ref_optimizer, CPU, epoch=0, progress=False)
+    model = tiny_net()
+    with pytest.raises(FloatingPointError):
+        train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), CPU, epoch=0, progress=False,
+                        check_every=every)
+    weights = list(model.parameters())
+    if steps_before_the_error == 2:
+        assert all(torch.equal(a, b) for a, b in zip(weights, reference.parameters()))
+    else:
+        assert any(torch.isnan(w).any() for w in weights)
+
+
+@pytest.mark.parametrize("every", [2, 3, 32])
+def test_a_deferred_loss_check_gives_the_same_epoch(every: int) -> None:
+    data = [(images[:n], labels[:n]) for (images, labels), n in zip(bright_pneumonia_batches(), (8, 3, 8, 5))]
+    runs = []
+    for k in (1, every):
+        model = tiny_net()
+        stats = train_one_epoch(model, data, torch.optim.Adam(model.parameters(), lr=0.05), CPU, epoch=0,
+                                progress=False, check_every=k)
+        runs.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (first, w1), (second, w2) = runs
+    assert first["images"] == second["images"] == 24
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-12)
+    assert second["accuracy"] == first["accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+
+
+def test_loss_check_interval() -> None:
+    assert loss_check_interval(CPU, None) == 1
+    assert loss_check_interval(torch.device("cuda", 0), None) == 32
+    assert loss_check_interval(torch.device("cuda", 0), 1) == 1
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="check_every"):
+            loss_check_interval(CPU, bad)
 
 
 def test_float16_training_is_refused() -> None:

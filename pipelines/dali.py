@@ -496,8 +496,16 @@ class DaliLoader:
         batches = batch_plan(order, self.batch_size)
         with closing(self._fed.epoch(batches)) as outputs:
             for k, (images,) in enumerate(outputs):
-                labels = self.labels[torch.from_numpy(batches[k])].to(self.device)
-                yield self._to_torch(images), labels
+                yield self._to_torch(images), self._labels(batches[k])
+
+    def _labels(self, batch: np.ndarray) -> torch.Tensor:
+        """The batch's labels on the loader's device. To a GPU they go from pinned memory without
+        waiting: a copy from ordinary memory makes torch wait for the GPU to finish all its queued work
+        (a host sync per batch, the GPU idle while the next step is queued)."""
+        labels = self.labels[torch.from_numpy(batch)]
+        if self.device.type != "cuda":
+            return labels
+        return labels.pin_memory().to(self.device, non_blocking=True)
 
     def _to_torch(self, images) -> torch.Tensor:
         """The batch shared with DALI through DLPack, without a copy."""

@@ -470,8 +470,10 @@ def test_gpu_outputs_on_device_with_partial_batch(images, augment):
     )
     batches = list(loader)
     assert [len(y) for _, y in batches] == [16, 16, 5]
-    for x, y in batches:
+    cpu = list(index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=augment))
+    for (x, y), (_, y_cpu) in zip(batches, cpu):
         assert x.device == torch.device("cuda", 0) and y.device == torch.device("cuda", 0)
+        assert torch.equal(y.cpu(), y_cpu)  # labels copied without waiting still arrive right
         assert x.shape == (len(y), 3, SIZE, SIZE) and x.dtype == torch.float32
         assert 0 <= x.min() and x.max() <= (1.5 if augment else 1.0) + 1e-6
 

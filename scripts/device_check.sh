@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
+#   0. the DALI GPU loader against DALI on the CPU on real files (scripts/dali_gpu_smoke.py): should it fail,
+#      training and evaluation use the torchvision loader
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
 #   2. the loader benchmark on the real full-resolution files and on the 224 set (DALI GPU where DALI imports)
 #   2b. training fed by each loader against the same batches already in GPU memory (feed)
@@ -9,7 +11,10 @@
 #      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own
 #      transform; should DALI training fail with a minute of its limit left, the torchvision loader trains
 #      in the time left (step_train)
-# GPU step limits add up to 560 s (70 + 150 + 60 + 220 + 30 + 30): with the start-up, under timeout_s=580.
+# GPU step limits add up to 560 s (40 + 60 + 140 + 50 + 220 + 25 + 25): with the start-up, under timeout_s=580.
+# BUDGET (default 560) caps them all together: a step gets at most what is left of it and is skipped with
+# under 15 s left, so that a call given less time (the session's device time running out) still ends by
+# writing the summary and packing the logs. Give BUDGET = the call's timeout_s less 20.
 # DALI must be installed before this call (its install does not fit beside these limits): see below.
 # Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
 #
@@ -18,6 +23,7 @@
 # timeout_s=300), then with the data staged here by scripts/stage_device_data.sh (the 224 set and a
 # third of the full-resolution files, 49 MiB beside the 4 MiB tree):
 #   run(command="bash scripts/device_check.sh", carry=[".data"], timeout_s=580)
+#   (with less device time left: run(command="BUDGET=T-20 bash scripts/device_check.sh", ..., timeout_s=T))
 # Without DALI it runs too, with the torchvision rows only.
 # Here, to try the CPU part:  DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh
 set -uo pipefail
@@ -30,6 +36,8 @@ DATA=${DATA:-.data}
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ -z "${DEVICE_CHECK_GPU_PY:-}" ] && PY=.venv/bin/python
 CPU=${DEVICE_CHECK_CPU:-0}
+BUDGET=${BUDGET:-560}
+T0=$SECONDS
 LOADER=torchvision
 $PY -c "import nvidia.dali" 2>/dev/null && LOADER=dali
 NPROC=$(nproc)
@@ -40,13 +48,19 @@ NPROC=$(nproc)
   echo "loader for training: $LOADER; cores: $NPROC; data: $DATA ($(find "$DATA/chest_xray_fullres" -name "*.jpeg" 2>/dev/null | wc -l) full-resolution files)"
 } | tee "$OUT/summary.txt"
 
-step() {  # name, seconds, command...
+step() {  # name, seconds, command...: at most what is left of BUDGET; skipped with under 15 s left
   local name=$1 limit=$2; shift 2
-  echo "== $name" | tee -a "$OUT/summary.txt"
+  local left=$((BUDGET - (SECONDS - T0)))
+  if [ "$left" -lt 15 ]; then
+    echo "== $name: skipped, $left s of the $BUDGET s budget left" | tee -a "$OUT/summary.txt"
+    return 125
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit $limit s)" | tee -a "$OUT/summary.txt"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|[Ee]rror' | tail -n 25 >> "$OUT/summary.txt"
+  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|[Ee]rror|FAILED' | tail -n 25 >> "$OUT/summary.txt"
   echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
   return $rc
 }
@@ -57,6 +71,7 @@ step_train() {  # seconds, train.py options...: train with $LOADER; should DALI 
   local limit=$1; shift
   local t0=$SECONDS
   step train "$limit" $PY train.py --loader "$LOADER" "$@" && return 0
+  [ $? = 125 ] && return 125  # skipped: no time left, nothing failed
   local left=$((limit - (SECONDS - t0)))
   [ "$LOADER" = dali ] && [ "$left" -ge 60 ] || return 1
   echo "DALI training failed: the torchvision loader gets the remaining $left s" | tee -a "$OUT/summary.txt"
@@ -66,7 +81,21 @@ step_train() {  # seconds, train.py options...: train with $LOADER; should DALI 
   step train_torchvision "$left" $PY train.py --loader torchvision "$@"
 }
 
+step_smoke() {  # seconds, dali_gpu_smoke.py options...: where DALI imports, check its loader; should a
+  # check fail, train and evaluate with torchvision rather than with a loader that gives wrong batches
+  local limit=$1; shift
+  if [ "$LOADER" != dali ]; then
+    echo "== smoke: skipped, DALI does not import" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
+  step smoke "$limit" $PY scripts/dali_gpu_smoke.py "$@" && return 0
+  echo "DALI smoke check failed: training and evaluation use the torchvision loader" | tee -a "$OUT/summary.txt"
+  LOADER=torchvision
+  return 1
+}
+
 if [ "$CPU" = 1 ]; then
+  step_smoke 120 --data "$DATA" --cpu
   step count_params 300 $PY train.py --count-params --device cpu --batch-size 4
   step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 \
        --min-images 64 --n224 64 --batch-sizes 16 --json "$OUT/bench.json"
@@ -80,18 +109,19 @@ if [ "$CPU" = 1 ]; then
   step eval_brief_transform 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
 else
-  step count_params 70 $PY train.py --count-params --device cuda --batch-size 64
-  step bench 150 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 \
+  step_smoke 40 --data "$DATA" --threads 4
+  step count_params 60 $PY train.py --count-params --device cuda --batch-size 64
+  step bench 140 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 \
        --min-images 9600 --n224 500 --batch-sizes 64 256 --json "$OUT/bench.json"
-  step feed 60 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 300 \
+  step feed 50 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 300 \
        --train-batch-size 16 --json "$OUT/feed.json"
   step_train 220 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 \
        --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
-  step eval_noise 30 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
+  step eval_noise 25 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
        --weights "$OUT/run/modelo.h5" --eval-noise --tta --json
-  step eval_brief_transform 30 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
+  step eval_brief_transform 25 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --json
 fi
 cp "$OUT"/run/{metrics.json,log.jsonl,learning_curves.png,confusion_matrix.png} "$OUT"/ 2>/dev/null

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-STEPS = ["count_params", "bench", "feed", "train", "eval_noise", "eval_brief_transform"]
+STEPS = ["smoke", "count_params", "bench", "feed", "train", "eval_noise", "eval_brief_transform"]
 #: what comes back from the device machine (at most 8 files)
 RETURNED = {"summary.txt", "bench.json", "feed.json", "metrics.json", "log.jsonl", "learning_curves.png",
             "confusion_matrix.png", "logs.tgz"}
@@ -106,14 +106,17 @@ def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) ->
     assert all(r["images_per_s"] > 0 and "error" not in r for r in feed), feed
 
 
-def fake_python(tmp_path: Path) -> Path:
-    """A stand-in for python that logs its arguments, says DALI imports and fails a DALI training
-    (after logging an epoch); everything else succeeds at once."""
+def fake_python(tmp_path: Path, smoke_rc: int = 0, count_params_s: int = 0) -> Path:
+    """A stand-in for python that logs its arguments, says DALI imports, exits ``smoke_rc`` from the
+    smoke check, takes ``count_params_s`` seconds to count parameters and fails a DALI training (after
+    logging an epoch); everything else succeeds at once."""
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> "{tmp_path}/calls.txt"
 case "$*" in
   -c*) exit 0 ;;
+  *dali_gpu_smoke.py*) [ {smoke_rc} = 0 ] || echo "FAILED: order and batches" >&2; exit {smoke_rc} ;;
+  *--count-params*) sleep {count_params_s}; exit 0 ;;
   *train.py*--loader\\ dali*) case "$*" in *--eval-only*) exit 0 ;; esac
        mkdir -p "$OUT/run" && echo '{{"epoch": 0}}' > "$OUT/run/log.jsonl"
        echo "Error: DALI exploded" >&2; exit 1 ;;
@@ -124,10 +127,11 @@ exit 0
     return fake
 
 
-def run_with_fake_python(tmp_path: Path) -> tuple[str, list[str], list[str]]:
+def run_with_fake_python(tmp_path: Path, env: dict | None = None, **fake: int) -> tuple[str, list[str], list[str]]:
+    """Run the CPU part with ``fake_python`` (options ``fake``) and ``env`` added; (summary, logs, calls)."""
     out = tmp_path / "dc"
     env = os.environ | {"DEVICE_CHECK_CPU": "1", "OUT": str(out), "DATA": str(DATA), "DEVICE_CHECK_GPU_PY": "1",
-                        "PY": str(fake_python(tmp_path))}
+                        "PY": str(fake_python(tmp_path, **fake))} | (env or {})
     done = subprocess.run(["bash", "scripts/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -146,3 +150,25 @@ def test_a_failed_dali_training_leaves_its_time_to_torchvision(tmp_path: Path) -
     noise_eval = next(c for c in calls if "--eval-noise" in c)
     assert "--loader torchvision" in noise_eval  # the weights it evaluates came from torchvision
 
+
+
+def test_a_failed_smoke_check_trains_with_torchvision_from_the_start(tmp_path: Path) -> None:
+    summary, logs, calls = run_with_fake_python(tmp_path, smoke_rc=1)
+    trains = [c for c in calls if "train.py" in c and "--eval-only" not in c and "--count-params" not in c]
+    assert len(trains) == 1 and "--loader torchvision" in trains[0], trains
+    assert "(smoke: rc=1," in summary and "DALI smoke check failed" in summary, summary
+    assert "FAILED: order and batches" in summary  # why, in the summary that comes back
+    assert "--loader torchvision" in next(c for c in calls if "--eval-noise" in c)
+    assert any("dali_gpu_smoke.py" in c and "--cpu" in c for c in calls)
+
+
+def test_a_short_budget_skips_the_last_steps_and_still_packs_the_results(tmp_path: Path) -> None:
+    """BUDGET 18 s: the smoke check runs, counting parameters (5 s here) gets at most what is left, and
+    every later step is skipped once under 15 s remain; the summary and logs still come back."""
+    summary, logs, calls = run_with_fake_python(tmp_path, count_params_s=5, env={"BUDGET": "18"})
+    assert "(smoke: rc=0," in summary and "(count_params: rc=0," in summary, summary
+    assert re.search(r"== count_params \(limit 1\d s\)", summary), summary  # capped to the budget left
+    for name in STEPS[2:]:
+        assert f"== {name}: skipped" in summary, summary
+    assert not any("train.py" in c and "--count-params" not in c for c in calls)  # no training started
+    assert "./count_params.log" in logs

@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,7 @@ class Run:
     def record(self, row: dict, improved: bool, stop: bool) -> None:
         """Main process only: log line, best weights, checkpoint, learning curves (all atomic)."""
         append_jsonl(self.out / LOG, row)
+        start = time.perf_counter()
         if improved:
             save_modelo_h5(self.settings.weights_out, self.model, class_names=self.index.classes,
                            metadata=model_metadata(self.settings, self.index, self.best, self.pretrained_note))
@@ -193,6 +195,8 @@ class Run:
                         history=self.history, best=self.best, settings=dataclasses.asdict(self.settings),
                         stopped=stop)
         plot_learning_curves(self.history, self.out / "learning_curves.png")
+        logger.info("epoch %d: files written in %.1f s (%scheckpoint, curves)", row["epoch"],
+                    time.perf_counter() - start, "modelo.h5, " if improved else "")
 
 
 def train(settings, device: torch.device, resume: bool = False) -> dict:
@@ -245,6 +249,7 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         for loader in (loaders.train, loaders.val):
             loader.set_epoch(epoch)
         tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
+        val_start = time.perf_counter()
         if settings.bn_recalibrate:
             recalibrate(model, index, settings, device, augment=False, caches=loaders.caches)
         with torch.random.fork_rng(devices=[]):  # --eval-noise with 0 workers: leave training's stream alone
@@ -254,7 +259,8 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         stop = run.stopper.deberia_parar(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"],
-               "seconds": tr["seconds"], "train_images_per_s": tr["images_per_s"] * world_size,
+               "seconds": tr["seconds"], "val_seconds": time.perf_counter() - val_start,
+               "train_images_per_s": tr["images_per_s"] * world_size,
                "improved": improved}
         run.history.append(row)
         if improved:

@@ -38,7 +38,9 @@ def test_train_writes_every_output(small_set, tmp_path):
     summary = train(settings_for(small_set, tmp_path), torch.device("cpu"))
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
-    assert {"train_loss", "val_loss", "val_accuracy", "val_f1", "seconds", "train_images_per_s"} <= set(rows[0])
+    assert {"train_loss", "val_loss", "val_accuracy", "val_f1", "seconds", "val_seconds",
+            "train_images_per_s"} <= set(rows[0])
+    assert all(r["seconds"] > 0 and r["val_seconds"] > 0 for r in rows)
     for name in ("learning_curves.png", "confusion_matrix.png", "metrics.json", "checkpoint.pt", "modelo.h5"):
         assert (tmp_path / name).stat().st_size > 0, name
     meta = read_modelo_metadata(tmp_path / "modelo.h5")

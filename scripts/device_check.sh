@@ -11,7 +11,10 @@
 #      with --eval-noise and with the brief's /255-only transform too, each re-estimating for its own
 #      transform; should DALI training fail with a minute of its limit left, the torchvision loader trains
 #      in the time left (step_train)
-# GPU step limits add up to 560 s (40 + 60 + 140 + 50 + 220 + 25 + 25): with the start-up, under timeout_s=580.
+#   4. LIME: our 1,000-sample explanation of inception_v3 (random weights) at two batch sizes, last: it
+#      runs in whatever the budget has left (limit 20 s)
+# GPU step limits before the last add up to 560 s (40 + 60 + 140 + 50 + 220 + 25 + 25), the LIME step's 20 s
+# come out of what the others leave: with the start-up, under timeout_s=580.
 # BUDGET (default 560) caps them all together: a step gets at most what is left of it and is skipped with
 # under 15 s left, so that a call given less time (the session's device time running out) still ends by
 # writing the summary and packing the logs. Give BUDGET = the call's timeout_s less 20.
@@ -41,6 +44,7 @@ T0=$SECONDS
 LOADER=torchvision
 $PY -c "import nvidia.dali" 2>/dev/null && LOADER=dali
 NPROC=$(nproc)
+IMAGE=$(find "$DATA/chest_xray_224/test" -name "*.jpeg" 2>/dev/null | sort | head -n 1)  # LIME's image
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -60,7 +64,7 @@ step() {  # name, seconds, command...: at most what is left of BUDGET; skipped w
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|[Ee]rror|FAILED' | tail -n 25 >> "$OUT/summary.txt"
+  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|ms/image|^[0-9]+ +[|] |[Ee]rror|FAILED' | tail -n 25 >> "$OUT/summary.txt"
   echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
   return $rc
 }
@@ -108,6 +112,8 @@ if [ "$CPU" = 1 ]; then
        --weights "$OUT/run/modelo.h5" --eval-noise --tta --batch-size 8 --bn-recalibrate 32 --json
   step eval_brief_transform 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
+  step lime 120 $PY -m explainer.bench --sweep 8 --sweep-samples 16 --sweep-model inception_v3 --repeats 1 \
+       --image "$IMAGE"
 else
   step_smoke 40 --data "$DATA" --threads 4
   step count_params 60 $PY train.py --count-params --device cuda --batch-size 64
@@ -123,6 +129,8 @@ else
        --weights "$OUT/run/modelo.h5" --eval-noise --tta --json
   step eval_brief_transform 25 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
        --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --json
+  step lime 20 $PY -m explainer.bench --sweep 64 256 --sweep-samples 1000 --sweep-model inception_v3 --repeats 3 \
+       --image "$IMAGE"
 fi
 cp "$OUT"/run/{metrics.json,log.jsonl,learning_curves.png,confusion_matrix.png} "$OUT"/ 2>/dev/null
 rm -rf "$OUT/run"

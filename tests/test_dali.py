@@ -7,6 +7,7 @@ still set for the stated sample sizes (about 3.5 standard deviations).
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,54 @@ def test_seed_gives_same_batches_and_each_epoch_new_draws(images):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
     assert not torch.equal(first[0], first[1])
+
+
+def feed_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dali-feed")]
+
+
+def test_files_are_read_ahead_by_a_thread_of_their_own_and_the_batches_do_not_change(images, monkeypatch):
+    """The feeding thread reads (and on the CPU draws the noise) for the training loop: same batches,
+    noise included, as feeding in the calling thread; it ends with the epoch, also after a break."""
+    readers = set()
+    real = dali.read_encoded
+
+    def recording(path):
+        readers.add(threading.current_thread().name.split("_")[0])
+        return real(path)
+
+    monkeypatch.setattr(dali, "read_encoded", recording)
+
+    def epochs(read_ahead: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(dali, "READ_AHEAD", read_ahead)
+        loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=True, seed=5)
+        return [collect(loader)[0] for _ in range(2)]
+
+    inline = epochs(0)
+    assert readers == {threading.current_thread().name.split("_")[0]}
+    readers.clear()
+    ahead = epochs(2)
+    assert readers == {"dali-feed"}
+    assert all(torch.equal(a, b) for a, b in zip(inline, ahead))
+    assert feed_threads() == []
+    loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=4, augment=False)
+    for _ in loader:
+        assert feed_threads() == ["dali-feed_0"]
+        break
+    assert feed_threads() == []
+    assert collect(loader)[1].tolist() == list(range(N_INDEX_FILES))  # the next epoch is whole
+
+
+def test_a_read_error_ahead_reaches_the_caller_at_its_batch(images, tmp_path):
+    files = list(images["index"])
+    files[20] = str(tmp_path / "gone.jpeg")
+    loader = index_loader(files, range(N_INDEX_FILES), batch_size=4, augment=False)
+    delivered = []
+    with pytest.raises(FileNotFoundError, match="gone.jpeg"):
+        for _, y in loader:
+            delivered += y.tolist()
+    assert delivered == list(range(len(delivered))) and len(delivered) <= 20  # in order, up to the bad batch
+    assert feed_threads() == []
 
 
 # ----- augmentation ----------------------------------------------------------------------

@@ -446,6 +446,8 @@ class DaliLoader:
     The random draws come from `seed` (DALI's for flips and angles, numpy's for the
     noise on the CPU); each epoch continues the random streams, so epochs differ from each
     other but a loader built with the same seed, sampler order and epoch count repeats them.
+    `read_ahead` batches are fed ahead by a thread of their own (0: in the iterating thread;
+    with a cache always 0).
     """
 
     def __init__(
@@ -463,6 +465,7 @@ class DaliLoader:
         cache: DecodedCache | None = None,
         eval_gain: float = 1.0,
         eval_noise: bool = False,
+        read_ahead: int = READ_AHEAD,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
@@ -506,7 +509,7 @@ class DaliLoader:
             device_id=device_id,
             seed=seed,
             # a cache fills lazily through its own DALI pipeline: in the calling thread, not beside it
-            read_ahead=0 if cache is not None else READ_AHEAD,
+            read_ahead=0 if cache is not None else read_ahead,
         )
 
     def __len__(self) -> int:

@@ -250,8 +250,8 @@ def test_files_are_read_ahead_by_a_thread_of_their_own_and_the_batches_do_not_ch
     monkeypatch.setattr(dali, "read_encoded", recording)
 
     def epochs(read_ahead: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(dali, "READ_AHEAD", read_ahead)
-        loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=True, seed=5)
+        loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=16, augment=True, seed=5,
+                              read_ahead=read_ahead)
         return [collect(loader)[0] for _ in range(2)]
 
     inline = epochs(0)

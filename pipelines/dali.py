@@ -245,8 +245,11 @@ class _EpochSource:
     training loop's), so with `read_ahead` > 0 the feeds are made by one thread of their
     own, up to `read_ahead` batches beyond the one DALI asks for: reading 16 full-resolution
     files (and, on the CPU, drawing the noise) no longer takes the training thread's time.
-    One thread, fed in order, so the noise draws and any error come as without it; the
-    thread lives for one epoch. DALI reads the fed arrays in place (`no_copy`: 0.1 of 1.2 ms
+    One thread, fed in order, so within an epoch the noise draws and any error come as
+    without it; the thread lives for one epoch. An epoch ended early finishes the feeds
+    already asked for (up to `read_ahead` more than feeding inline would have made), so
+    the noise stream, and with it the next epoch, depends on where the epoch ended, never
+    on the threads' timing. DALI reads the fed arrays in place (`no_copy`: 0.1 of 1.2 ms
     per image when cached), so the last feeds are kept alive here until the pipeline has
     consumed them, at most `PREFETCH_QUEUE_DEPTH` + 1 iterations later.
     """
@@ -269,11 +272,12 @@ class _EpochSource:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-feed")
 
     def stop(self) -> None:
-        """Make every later request end the epoch (StopIteration); end the feeding thread,
-        dropping the feeds it made for batches that will not be asked for."""
+        """Make every later request end the epoch (StopIteration); end the feeding thread
+        once it has made every feed asked of it (not cancelled: how many had started would
+        depend on timing), and drop the feeds for batches that will not be asked for."""
         self._batches = []
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)
             self._pool = None
         self._ready.clear()
         self._submitted = 0

@@ -15,7 +15,7 @@
 #      runs in whatever the budget has left (limit 20 s)
 # GPU step limits before the last add up to 560 s (40 + 60 + 140 + 50 + 220 + 25 + 25), the LIME step's 20 s
 # come out of what the others leave: with the start-up, under timeout_s=580.
-# BUDGET (default 560) caps them all together: a step gets at most what is left of it and is skipped with
+# BUDGET (default 560 on the GPU, 3600 for the CPU part) caps them all together: a step gets at most what is left of it and is skipped with
 # under 15 s left, so that a call given less time (the session's device time running out) still ends by
 # writing the summary and packing the logs. Give BUDGET = the call's timeout_s less 20.
 # DALI must be installed before this call (its install does not fit beside these limits): see below.
@@ -39,7 +39,8 @@ DATA=${DATA:-.data}
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ -z "${DEVICE_CHECK_GPU_PY:-}" ] && PY=.venv/bin/python
 CPU=${DEVICE_CHECK_CPU:-0}
-BUDGET=${BUDGET:-560}
+GPU_BUDGET=560  # the GPU part's default BUDGET, seconds
+if [ "$CPU" = 1 ]; then BUDGET=${BUDGET:-3600}; else BUDGET=${BUDGET:-$GPU_BUDGET}; fi
 T0=$SECONDS
 LOADER=torchvision
 $PY -c "import nvidia.dali" 2>/dev/null && LOADER=dali
@@ -75,8 +76,12 @@ step_train() {  # seconds, train.py options...: train with $LOADER; should DALI 
   local limit=$1; shift
   local t0=$SECONDS
   step train "$limit" $PY train.py --loader "$LOADER" "$@" && return 0
-  [ $? = 125 ] && return 125  # skipped: no time left, nothing failed
+  local rc=$?
+  # skipped (no time left) or stopped at its limit (training, not failing): nothing to fall back from
+  [ "$rc" = 125 ] || [ "$rc" = 124 ] && return "$rc"
   local left=$((limit - (SECONDS - t0)))
+  local budget_left=$((BUDGET - (SECONDS - T0)))
+  [ "$budget_left" -lt "$left" ] && left=$budget_left
   [ "$LOADER" = dali ] && [ "$left" -ge 60 ] || return 1
   echo "DALI training failed: the torchvision loader gets the remaining $left s" | tee -a "$OUT/summary.txt"
   [ -f "$OUT/run/log.jsonl" ] && mv "$OUT/run/log.jsonl" "$OUT/train_dali_epochs.log"
@@ -93,7 +98,10 @@ step_smoke() {  # seconds, dali_gpu_smoke.py options...: where DALI imports, che
     return 0
   fi
   step smoke "$limit" $PY scripts/dali_gpu_smoke.py "$@" && return 0
-  echo "DALI smoke check failed: training and evaluation use the torchvision loader" | tee -a "$OUT/summary.txt"
+  local rc=$?
+  [ "$rc" = 125 ] && return 125  # skipped: no time left
+  echo "DALI smoke check failed (rc=$rc$([ "$rc" = 124 ] && echo ": not done in $limit s")): training and" \
+       "evaluation use the torchvision loader" | tee -a "$OUT/summary.txt"
   LOADER=torchvision
   return 1
 }

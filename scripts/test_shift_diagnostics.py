@@ -126,7 +126,7 @@ def main() -> int:
                       "oracle acc": f"{oracle_accuracy(y, probs[:, 1]):.3f}", "r(p, mean) NORMAL": f"{r:.2f}"})
     print(f"{args.weights} on {len(y)} test images of {args.data_dir}; training split mean gray level "
           f"{train_mean:.3f} ({len(train_files)} files), test NORMAL {float(means[normal].mean()):.3f}, "
-          f"test PNEUMONIA {float(means[~normal].mean()):.3f}; NORMAL share: train/ {pi_train[0]:.3f}, "
+          f"test PNEUMONIA {float(means[~normal].mean()):.3f}; NORMAL share: train folder {pi_train[0]:.3f}, "
           f"test {pi_test[0]:.3f}")
     print(markdown_table(table))
 

@@ -1,11 +1,14 @@
 """Paths to the real data in ../shared/data and a picker of real files."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 FULLRES = SHARED_DATA / "chest_xray_fullres"
 SMALL_224 = SHARED_DATA / "chest_xray_224"
 
@@ -16,3 +19,11 @@ def real_files(folder: Path, n: int | None = None, step: int = 1) -> list[str]:
         pytest.fail(f"real data missing: {folder} (the tests expect ../shared/data beside the project)")
     files = sorted(str(p) for p in folder.rglob("*.jpeg"))[::step]
     return files[:n] if n else files
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

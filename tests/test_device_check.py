@@ -34,7 +34,7 @@ def test_gpu_part_has_the_same_steps_within_the_device_budget() -> None:
     caps every step: tested below), and the budget fits the device's call."""
     gpu = branch_steps(cpu=False)
     assert [name for name, _ in gpu] == STEPS == [name for name, _ in branch_steps(cpu=True)]
-    budget = int(re.search(r"^BUDGET=\$\{BUDGET:-(\d+)\}", (ROOT / "scripts" / "device_check.sh").read_text(), re.M)[1])
+    budget = int(re.search(r"^GPU_BUDGET=(\d+)", (ROOT / "scripts" / "device_check.sh").read_text(), re.M)[1])
     assert sum(limit for _, limit in gpu[:-1]) <= budget <= GPU_BUDGET_S, gpu
 
 
@@ -110,10 +110,10 @@ def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) ->
     assert all(r["images_per_s"] > 0 and "error" not in r for r in feed), feed
 
 
-def fake_python(tmp_path: Path, smoke_rc: int = 0, count_params_s: int = 0) -> Path:
+def fake_python(tmp_path: Path, smoke_rc: int = 0, count_params_s: int = 0, dali_train_s: int = 0) -> Path:
     """A stand-in for python that logs its arguments, says DALI imports, exits ``smoke_rc`` from the
     smoke check, takes ``count_params_s`` seconds to count parameters and fails a DALI training (after
-    logging an epoch); everything else succeeds at once."""
+    logging an epoch and ``dali_train_s`` seconds); everything else succeeds at once."""
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> "{tmp_path}/calls.txt"
@@ -122,7 +122,7 @@ case "$*" in
   *dali_gpu_smoke.py*) [ {smoke_rc} = 0 ] || echo "FAILED: order and batches" >&2; exit {smoke_rc} ;;
   *--count-params*) sleep {count_params_s}; exit 0 ;;
   *train.py*--loader\\ dali*) case "$*" in *--eval-only*) exit 0 ;; esac
-       mkdir -p "$OUT/run" && echo '{{"epoch": 0}}' > "$OUT/run/log.jsonl"
+       mkdir -p "$OUT/run" && echo '{{"epoch": 0}}' > "$OUT/run/log.jsonl"; sleep {dali_train_s}
        echo "Error: DALI exploded" >&2; exit 1 ;;
 esac
 exit 0
@@ -176,3 +176,12 @@ def test_a_short_budget_skips_the_last_steps_and_still_packs_the_results(tmp_pat
         assert f"== {name}: skipped" in summary, summary
     assert not any("train.py" in c and "--count-params" not in c for c in calls)  # no training started
     assert "./count_params.log" in logs
+
+
+def test_a_dali_training_stopped_by_the_budget_is_not_a_failure(tmp_path: Path) -> None:
+    """DALI training capped by BUDGET and stopped at its limit was training, not failing: no torchvision
+    run in time that is not there, and its epochs are kept (they come back as log.jsonl)."""
+    summary, logs, calls = run_with_fake_python(tmp_path, dali_train_s=60, env={"BUDGET": "30"})
+    assert re.search(r"\(train: rc=124,", summary), summary
+    assert "DALI training failed" not in summary and "train_torchvision" not in summary, summary
+    assert (tmp_path / "dc" / "log.jsonl").read_text().strip() == '{"epoch": 0}'

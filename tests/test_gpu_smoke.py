@@ -4,30 +4,23 @@ labels or drifts in the cached path makes it fail (exit 1), so a broken GPU load
 machine before any figure is taken from it."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from .helpers import SHARED_DATA
-
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import SHARED_DATA, load_script
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    spec = importlib.util.spec_from_file_location("dali_gpu_smoke", ROOT / "scripts" / "dali_gpu_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("dali_gpu_smoke")
 
 
 def test_every_check_passes_on_the_cpu(smoke, tmp_path, capsys):
     out = tmp_path / "smoke.json"
     assert smoke.main(["--cpu", "--data", str(SHARED_DATA), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 8 and all(r["ok"] == "yes" for r in rows), rows
+    assert len(rows) == 9 and all(r["ok"] == "yes" for r in rows), rows
     files = smoke.pick_files(SHARED_DATA)
     assert len(files) == 28 and sum("chest_xray_224" in f for f in files) == 8
     assert "person1668_bacteria_4421.jpeg" in " ".join(files)  # a colour file among the gray ones
@@ -67,3 +60,20 @@ def test_without_cuda_it_asks_for_cpu(smoke, monkeypatch, capsys):
     monkeypatch.setattr(smoke.torch.cuda, "is_available", lambda: False)
     assert smoke.main(["--data", str(SHARED_DATA)]) == 2
     assert "--cpu" in capsys.readouterr().err
+
+
+def test_batches_consumed_without_waiting_are_compared_image_by_image(smoke):
+    """The GPU-only check's comparison, fed plain CPU batches: equal batches pass (one gray level of
+    decoder difference allowed), a batch whose memory held another image fails."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(4, 3, 8, 8, generator=g), torch.zeros(4)) for _ in range(3)]
+    spins = []
+    nudged = [(x + 1 / 255, y) for x, y in batches]
+    assert smoke.consumed_without_waiting(batches, nudged, lambda: spins.append(1))["ok"] == "yes"
+    assert len(spins) == 3  # one wait queued before each batch is read
+    reused = batches[:2] + [(batches[0][0], batches[2][1])]  # the last batch's memory holds the first's
+    row = smoke.consumed_without_waiting(batches, reused, lambda: None)
+    assert row["ok"] == "NO" and float(row["value"]) > 0.1
+    assert smoke.consumed_without_waiting(batches, batches[:2], lambda: None)["ok"] == "NO"  # one missing

@@ -2,21 +2,15 @@
 modelo.h5 and the whole test split: minutes, run by hand)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("test_shift_diagnostics", ROOT / "scripts" / "test_shift_diagnostics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("test_shift_diagnostics")
 
 
 def test_reweighting_follows_bayes_rule(diag):

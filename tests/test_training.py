@@ -18,6 +18,8 @@ from models.training import train
 from pipelines.synthetic import make_synthetic_dataset
 from train import Settings, main
 
+from .helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -146,12 +148,8 @@ def test_bn_recalibrate_saves_statistics_of_the_evaluation_transform_and_eval_on
 
 
 def test_bn_statistics_script_prints_stored_and_both_recalibrations(small_set, tmp_path, capsys):
-    import importlib.util
-
     train(settings_for(small_set, tmp_path, epochs=1, tta=()), torch.device("cpu"))
-    spec = importlib.util.spec_from_file_location("bn_statistics", ROOT / "scripts" / "bn_statistics.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bn_statistics")
     for weights in ("modelo.h5", "checkpoint.pt"):
         assert script.main(["--weights", str(tmp_path / weights), "--data-dir", str(small_set), "--images", "8"]) == 0
         rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]

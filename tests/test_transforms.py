@@ -12,7 +12,7 @@ from pipelines.bench import PARITY_MEAN_TOL, PARITY_P99_TOL, parity
 from pipelines.transforms import (CvRandomFlip, CvRandomRotate, HwcNoiseToTensor, MultiplicativeNoise,
                                   TensorRandomRotate, get_toolchain)
 
-from .helpers import FULLRES, SMALL_224, real_files
+from .helpers import FULLRES, SMALL_224, load_script, real_files
 
 CHAINS = sorted(transforms.TOOLCHAINS)
 
@@ -250,14 +250,7 @@ def test_loader_benchmark_reports_a_failing_back_end_and_measures_the_others(mon
 
 
 def test_batch_transport_script_prints_its_rows(capsys):
-    import importlib.util
-
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "batch_transport_cost.py"
-    spec = importlib.util.spec_from_file_location("batch_transport_cost", script)
-    btc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(btc)
+    btc = load_script("batch_transport_cost")
     assert btc.main(["--workers", "1", "--batch-sizes", "4", "--batches", "4"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
     assert [row.split(" | ")[1] for row in rows] == btc.MODES

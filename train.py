@@ -238,12 +238,15 @@ def count_params(settings: Settings) -> int:
 
     from models.engine import bf16_native
 
-    precisions = [("fp32", None, False), ("fp32 + channels-last", None, True)]
+    precisions = [("fp32", None, False, False), ("fp32 + channels-last", None, True, False)]
     if bf16_native(device):
-        precisions.append(("bf16 + channels-last", torch.bfloat16, True))
+        precisions.append(("bf16 + channels-last", torch.bfloat16, True, False))
+    if device.type == "cuda" and bf16_native(device):  # what letting cuDNN choose by timing would give (train.py: off)
+        precisions.append(("bf16 + channels-last + cudnn.benchmark", torch.bfloat16, True, True))
     for separable in (True, False):
-        for label, dtype, cl in precisions:
-            t = step_times(separable, device, settings.batch_size, amp_dtype=dtype, channels_last=cl)
+        for label, dtype, cl, bench in precisions:
+            t = step_times(separable, device, settings.batch_size, amp_dtype=dtype, channels_last=cl,
+                           cudnn_benchmark=bench, warmup=2 if bench else 1)
             name = "separable" if separable else "Conv2d"
             print(f"| {name} | {label} | {t['train_step_s']:.3f} | {t['train_images_per_s']:.1f} | "
                   f"{t['inference_s']:.3f} | {t['inference_images_per_s']:.1f} |")

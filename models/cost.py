@@ -91,8 +91,10 @@ def training_setup(device: torch.device, *, input_size: int = 224, separable: bo
 
 def step_times(separable: bool, device: torch.device, batch_size: int = 16, input_size: int = 224,
                amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-               warmup: int = 1, repeats: int = 3) -> dict[str, float]:
-    """Seconds per training step (forward, backward, Adam) and per inference batch."""
+               warmup: int = 1, repeats: int = 3, cudnn_benchmark: bool = False) -> dict[str, float]:
+    """Seconds per training step (forward, backward, Adam) and per inference batch. ``cudnn_benchmark``
+    lets cuDNN time its algorithms on the first calls and keep the fastest (train.py leaves it off: the
+    choice may differ from run to run); the setting is put back afterwards."""
     model, optimizer = training_setup(device, input_size=input_size, separable=separable,
                                       channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -110,9 +112,14 @@ def step_times(separable: bool, device: torch.device, batch_size: int = 16, inpu
         with torch.inference_mode(), autocast(device, amp_dtype):
             model(x)
 
-    model.train()
-    train_s = time_call(train_step, device, warmup, repeats)
-    model.eval()
-    infer_s = time_call(infer, device, warmup, repeats)
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        model.train()
+        train_s = time_call(train_step, device, warmup, repeats)
+        model.eval()
+        infer_s = time_call(infer, device, warmup, repeats)
+    finally:
+        torch.backends.cudnn.benchmark = before
     return {"train_step_s": train_s, "inference_s": infer_s,
             "train_images_per_s": batch_size / train_s, "inference_images_per_s": batch_size / infer_s}

@@ -39,3 +39,18 @@ def test_summary_matches_hand_counts():
 def test_step_times_return_positive_rates():
     t = step_times(True, torch.device("cpu"), batch_size=2, input_size=32, repeats=1, warmup=0)
     assert t["train_step_s"] > 0 and t["inference_images_per_s"] > 0
+
+
+def test_step_times_put_the_cudnn_benchmark_setting_back(monkeypatch):
+    seen = []
+    real = torch.nn.Conv2d.forward
+
+    def recording(self, x):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    step_times(True, torch.device("cpu"), batch_size=2, input_size=32, repeats=1, warmup=0, cudnn_benchmark=True)
+    assert seen and all(seen)  # set while timing
+    assert torch.backends.cudnn.benchmark is False  # and put back

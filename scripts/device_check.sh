@@ -65,7 +65,7 @@ step() {  # name, seconds, command...: at most what is left of BUDGET; skipped w
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log" | grep -E '^[|{]|img/s|ms/image|^[0-9]+ +[|] |[Ee]rror|FAILED' | tail -n 25 >> "$OUT/summary.txt"
+  tail -n 40 "$OUT/$name.log" | tr "\r" "\n" | grep -E '^[|{]|img/s|ms/image|^[0-9]+ +[|] |[Ee]rror|FAILED' | tail -n 25 >> "$OUT/summary.txt"
   echo "($name: rc=$rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
   return $rc
 }

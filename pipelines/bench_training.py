@@ -8,9 +8,10 @@ size on the same files: first on batches made beforehand and held in the device'
 ceiling: no loading at all), then fed by our torchvision loader and by DALI (GPU where CUDA is,
 CPU otherwise).  ``x_resident`` is each row's images per second over the ceiling's; the issue's
 target is DALI at 0.9 or more on one H200.  Where the loop reads its loss on the host every k > 1
-batches (on a GPU: ``models.engine.loss_check_interval``), a second row trains on the resident batches
-reading it after every batch, as the loop did before: what that per-step wait costs.  The first steps of every row (worker and pipeline
-start-up, cuDNN's first calls, the batches workers hold ready) are trained but not timed.
+batches (on a GPU: ``models.engine.loss_check_interval``), a second row trains on the resident
+batches reading it after every batch, as the loop did before: what that per-step wait costs.  The
+first steps of every row (worker and pipeline start-up, cuDNN's first calls, the batches workers
+hold ready) are trained but not timed.
 
     python -m pipelines.bench --sections training [--train-steps 200] [--train-batch-size 16]
 """

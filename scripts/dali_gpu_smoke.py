@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.dali import DaliLoader  # noqa: E402
+from pipelines.dali import DaliLoader, is_gray_jpeg, read_encoded  # noqa: E402
 from pipelines.decoded_cache import DecodedCache  # noqa: E402
 from report import markdown_table  # noqa: E402
 
@@ -48,11 +47,16 @@ DUPLICATE_TOLERANCE = 2 / 255
 GPU_SPIN_CYCLES = 20_000_000  # torch.cuda._sleep: about 10 ms of one GPU thread spinning
 
 
+def one_component(path: str | Path) -> bool:
+    """Whether the loader decodes this file as one gray plane (its own flag, from the JPEG header)."""
+    return bool(is_gray_jpeg(read_encoded(str(path))))
+
+
 def pick_files(data: Path, n_fullres: int = 20, n_224: int = 8) -> list[str]:
     fullres = sorted((data / "chest_xray_fullres").rglob("*.jpeg"))
     if not fullres:
         raise SystemExit(f"no full-resolution JPEGs under {data / 'chest_xray_fullres'}")
-    colour = [p for p in fullres if Image.open(p).mode != "L"]
+    colour = [p for p in fullres if not one_component(p)]
     gray = [p for p in fullres if p not in colour]
     small = sorted((data / "chest_xray_224" / "test").rglob("*.jpeg"))[:n_224]
     return [str(p) for p in colour[:4] + gray[: n_fullres - len(colour[:4])] + small]
@@ -101,7 +105,7 @@ def smoke(files: list[str], device_id: int | None, threads: int) -> list[dict]:
     rows.append(check("order and batches: sizes, labels, duplicates", f"{sizes}, "
                       f"labels {'in order' if y.tolist() == order else 'WRONG'}, duplicates max |diff| "
                       f"{apart:.4f}", f"[{BATCH}, {BATCH}, 5], <= {DUPLICATE_TOLERANCE:.4f}", ok))
-    gray = [i for i, f in enumerate(files) if Image.open(f).mode == "L"]
+    gray = [i for i, f in enumerate(files) if one_component(f)]
     equal = all(torch.equal(gpu[i, 0], gpu[i, c]) for i in gray for c in (1, 2))
     rows.append(check(f"gray planes equal ({len(gray)} files)", "yes" if equal else "no", "yes", equal))
     cache = DecodedCache(files, num_threads=threads).fill()

@@ -78,7 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="explain.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image", type=Path, required=True, help="image to explain")
-    parser.add_argument("--model", choices=("inception_v3", "vgg16dwsep"), default="inception_v3")
+    parser.add_argument("--model", choices=("inception_v3", "vgg16dwsep"), default="inception_v3",
+                        help="the network to explain: torchvision's ImageNet inception_v3, or this project's "
+                             "VGG16DWSep (a modelo.h5 of train.py)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", type=Path, default=None,
                          help="inception_v3: a torchvision state dict (.pth; default: torch hub's cache); "
@@ -91,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="explanation model(s), fitted on the same model outputs")
     parser.add_argument("--samples", type=int, default=1000, help="perturbations (the first is the image itself)")
     parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="kernel width of exp(-d^2/sigma^2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the superpixels' clustering, the perturbations and random weights")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="perturbed images per model call")
     parser.add_argument("--top-k", type=int, default=5, help="superpixels shown in the figures")
     parser.add_argument("--C", type=float, default=1.0, help="inverse penalty strength of the logistic regression")
@@ -101,7 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tree-depth", type=int, default=3, help="depth of the decision-tree family")
     parser.add_argument("--train-steps", type=int, default=BriefTraining.steps,
                         help="vgg16dwsep without --weights: steps of the brief synthetic training")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs; auto = CUDA when present")
     parser.add_argument("--no-amp", action="store_true",
                         help="fp32 model calls (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the figures and explanation.json")
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         report = run(settings, resolve_device(settings.device))
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # bad input, missing or unwritable paths: one line, no traceback
         print(f"explain.py: error: {error}", file=sys.stderr)
         return 1
     if settings.json:

@@ -81,6 +81,16 @@ class Settings:
             raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
 
 
+class _TtaCopies(argparse.Action):
+    """--tta D [D ...]; a bare --tta keeps meaning "no TTA" (commands in RESULTS use it) and says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values:
+            print("note: --tta with no number turns test-time augmentation off (the same as --no-tta)",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
@@ -104,9 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="train on a stratified subset of N training images (validation: N/4); for quick CPU runs")
     train = p.add_argument_group("training")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto = CUDA when present (default)")
-    train.add_argument("--epochs", type=int, default=30, help="maximum epochs; early stopping usually ends sooner")
+    train.add_argument("--epochs", type=int, default=30,
+                       help="maximum epochs; early stopping usually ends sooner (default: %(default)s)")
     train.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the split, samplers, augmentation, init")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the split, samplers, augmentation, init (default: %(default)s)")
     train.add_argument("--paciencia", type=int, default=5, help="early-stopping patience in epochs (default: 5)")
     train.add_argument("--no-pretrained", action="store_true",
                        help="do not load ImageNet VGG16 weights into the first two convolutions: they keep "
@@ -126,10 +138,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights-out", default="modelo.h5", help="where the best weights go (default: %(default)s)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-only", action="store_true", help="only evaluate --weights on the test set")
-    ev.add_argument("--weights", help="modelo.h5 to evaluate with --eval-only")
-    ev.add_argument("--tta", type=int, nargs="*", default=[4, 8], metavar="D",
-                    help="test-time augmentation: numbers of augmented copies per test image (default: 4 8)")
-    ev.add_argument("--json", action="store_true", help="with --eval-only: print one JSON object of metrics")
+    ev.add_argument("--weights", help="modelo.h5 to evaluate with --eval-only (training always starts from "
+                                      "the initialisation, or from OUT/checkpoint.pt with --resume)")
+    tta = ev.add_mutually_exclusive_group()
+    tta.add_argument("--tta", type=int, nargs="*", default=[4, 8], metavar="D", action=_TtaCopies,
+                     help="test-time augmentation: each D is a number of augmented copies per test image, "
+                          "scored beside the prediction without TTA, which is always made (default: 4 8). "
+                          "--tta with no number turns TTA off, as --no-tta does")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=[],
+                     help="score the test set without TTA only")
+    ev.add_argument("--json", action="store_true", help="with --eval-only: print one JSON object of metrics "
+                                                        "(a training run writes OUT/metrics.json)")
     ev.add_argument("--eval-gain", type=float, metavar="G",
                     help="multiply evaluation images (validation, test without TTA) by G; 1.35 = the mean "
                          "of the training noise U[1.2, 1.5], which removes the brightness shift between "
@@ -159,6 +178,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.data_dir is None and not args.demo:
         raise ValueError("give --data-dir DIR (a folder with train/ and test/) or --demo")
+    if not args.eval_only:
+        if args.weights:
+            raise ValueError("--weights is read only with --eval-only; training starts from the initialisation, "
+                             "or continues OUT/checkpoint.pt with --resume")
+        if args.json:
+            raise ValueError("--json is for --eval-only; a training run writes its metrics to OUT/metrics.json")
     return Settings(
         data_dir=args.data_dir, out=args.out, weights_out=args.weights_out, loader=args.loader,
         device=args.device, epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # bad input, missing or unwritable paths: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,7 @@ from torchvision import transforms as T
 
 from models.engine import autocast, precision_options, train_one_epoch
 from models.h5io import load_modelo_h5, save_modelo_h5
-from models.vgg16dwsep import VGG16DWSep
+from models.vgg16dwsep import VGG16DWSep, read_state_dict_file
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
 from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain, noise_field
@@ -153,10 +153,7 @@ def inception_state_dict(path: str | os.PathLike[str] | None) -> dict[str, torch
     """torchvision's ImageNet inception_v3 weights from ``path``, else from torch hub's cache
     (downloaded there when online).  FileNotFoundError saying how to get them otherwise."""
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"inception_v3 weights not found: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state_dict_file(path, "inception_v3")
     cached = inception_hub_file()
     try:
         return INCEPTION_WEIGHTS.get_state_dict(progress=False, map_location="cpu", weights_only=True)
@@ -182,7 +179,16 @@ def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bo
     else:
         state = inception_state_dict(weights)
         model = build()
-        model.load_state_dict(state)
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"{weights or 'the cached file'} does not hold torchvision's inception_v3 weights: "
+                             f"{len(missing)} keys missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:2]})")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:  # same names, other shapes
+            raise ValueError(f"{weights or 'the cached file'}: {str(error).splitlines()[0]}") from None
         note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
     predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, amp=amp)
     return LoadedModel("inception_v3", predictor, list(INCEPTION_WEIGHTS.meta["categories"]), note, crop=True)

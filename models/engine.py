@@ -45,14 +45,23 @@ METRIC_KEYS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc"
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device a command line asks for, chosen once at the edge: ``auto`` = CUDA when present
     (GPU ``local_rank``, torchrun's LOCAL_RANK), else the CPU; ``cuda`` without an index = GPU
-    ``local_rank``.  Raises ValueError for CUDA on a machine without it."""
+    ``local_rank``.  Raises ValueError for an unknown device, another device type than cpu and
+    cuda, CUDA on a machine without it, or a GPU index the machine does not have."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only auto, cpu, cuda and cuda:N are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"numbered from 0")
     return device
 
 

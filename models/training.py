@@ -144,6 +144,39 @@ def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: s
             "versions": versions()}
 
 
+#: Settings a resumed run must share with its checkpoint: the split, the samplers' orders, the
+#: optimiser, the selection (validation transform, BatchNorm re-estimate) and where the best weights
+#: so far are. Others may change (--epochs to go further, --num-workers, --device, --tta, ...).
+RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "weight_decay", "paciencia",
+                     "eval_gain", "eval_noise", "bn_recalibrate", "weights_out", "demo")
+#: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream or
+#: its numerics are no longer those of one uninterrupted run.
+RESUME_WARN = ("loader", "amp", "decoded_cache")
+
+
+def _same_setting(key: str, saved: Any, ours: Any) -> bool:
+    if key in ("data_dir", "weights_out") and saved is not None and ours is not None:
+        return saved == ours or Path(saved).resolve() == Path(ours).resolve()
+    return saved == ours
+
+
+def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path) -> None:
+    """Refuse to resume with other settings than the checkpoint's, for those in ``RESUME_MUST_MATCH``
+    (keys a checkpoint predates are not checked); warn for those in ``RESUME_WARN``."""
+    ours = dataclasses.asdict(settings)
+    differ = [k for k in RESUME_MUST_MATCH if k in saved and not _same_setting(k, saved[k], ours[k])]
+    if differ:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        now = ", ".join(f"{k}={ours[k]!r}" for k in differ)
+        raise ValueError(f"--resume: {ckpt_path} was trained with {was}; this run asks for {now}. "
+                         "The split, the samplers' order and the selection of the best epoch depend on them: "
+                         "give the same options, or another --out for a new run")
+    for key in RESUME_WARN:
+        if key in saved and saved[key] != ours[key]:
+            logger.warning("--resume: %s was %r, now %r: the run continues, but its later epochs are not those "
+                           "of one uninterrupted run", key, saved[key], ours[key])
+
+
 def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             stopper: EarlyStopping, device: torch.device, settings: Any) -> tuple[list[dict], dict, int, bool]:
     """Load a checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
@@ -158,6 +191,7 @@ def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     if theirs != ours:
         raise ValueError(f"--resume: {ckpt_path} was trained with {theirs}, this run asks for {ours} "
                          "(--no-pretrained, --train-first-convs); give the same options or another --out")
+    check_resumed_settings(saved, settings, ckpt_path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     stopper.load_state_dict(ckpt["early_stopping"])

@@ -195,6 +195,31 @@ def _missing_weights_message(url: str, cached_file: Path) -> str:
     )
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def read_state_dict_file(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
+    """A torch state dict (``torch.save`` of a dict of tensors, the .pth files torchvision
+    publishes) read with ``weights_only=True``; one-line errors for a missing file, a modelo.h5 or
+    anything else torch cannot read as one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+            raise ValueError(f"{path} is an HDF5 file (a modelo.h5 of train.py?), not a torch state dict of {what}; "
+                             "a modelo.h5 goes to explain.py --model vgg16dwsep --weights, or to train.py "
+                             "--eval-only --weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch's own errors: all mean "not a state dict file"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a torch state dict file of {what} ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (names -> tensors) of {what}")
+    return state
+
+
 def imagenet_vgg16_state_dict(path: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
     """torchvision's VGG16 ImageNet state dict, from ``path`` when given, else from the torch
     hub cache (downloading when online, as torchvision does).
@@ -203,10 +228,7 @@ def imagenet_vgg16_state_dict(path: str | os.PathLike[str] | None = None) -> dic
     falls back to random weights.
     """
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"VGG16 weights file not found: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state_dict_file(path, "VGG16")
     weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
     file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
     cached_file = Path(torch.hub.get_dir()) / "checkpoints" / file_name

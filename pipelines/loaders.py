@@ -8,6 +8,7 @@ train iterates a seeded ``SubsetRandomSampler`` over 80 % of the train folder, v
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from .data import DatasetIndex, with_transform
 from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
 from .shared_batches import PREFETCH_FACTOR, SharedBatchPool, SlotBatches, SlotWriter, keep_as_is, slots_for, unpack
 from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_intensity, get_toolchain
+
+logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ("torchvision", "dali")
@@ -73,6 +76,9 @@ def make_samplers(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2,
     train_idx, val_idx = split_train_val(index.train.targets, val_fraction, seed)
     targets = np.asarray(index.train.targets)
     if train_subset is not None:
+        if train_subset > len(train_idx):
+            logger.warning("--train-subset %d: the training split has %d images; all of them are used",
+                           train_subset, len(train_idx))
         train_idx = stratified_subset(train_idx, targets, train_subset, seed)
         val_idx = stratified_subset(val_idx, targets, max(4, train_subset // 4), seed)
     return Samplers(

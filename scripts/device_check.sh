@@ -117,9 +117,9 @@ if [ "$CPU" = 1 ]; then
        --eval-gain 1.35 --bn-recalibrate 1600 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
   step eval_noise 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
-       --weights "$OUT/run/modelo.h5" --eval-noise --tta --batch-size 8 --bn-recalibrate 32 --json
+       --weights "$OUT/run/modelo.h5" --eval-noise --no-tta --batch-size 8 --bn-recalibrate 32 --json
   step eval_brief_transform 300 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
-       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --batch-size 8 --bn-recalibrate 32 --json
+       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --no-tta --batch-size 8 --bn-recalibrate 32 --json
   step lime 120 $PY -m explainer.bench --sweep 8 --sweep-samples 16 --sweep-model inception_v3 --repeats 1 \
        --image "$IMAGE"
 else
@@ -134,9 +134,9 @@ else
        --out "$OUT/run" \
        --weights-out "$OUT/run/modelo.h5"
   step eval_noise 25 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only --loader "$LOADER" \
-       --weights "$OUT/run/modelo.h5" --eval-noise --tta --json
+       --weights "$OUT/run/modelo.h5" --eval-noise --no-tta --json
   step eval_brief_transform 25 $PY train.py --data-dir "$DATA/chest_xray_224" --eval-only \
-       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --tta --json
+       --weights "$OUT/run/modelo.h5" --eval-gain 1.0 --no-tta --json
   step lime 20 $PY -m explainer.bench --sweep 64 256 --sweep-samples 1000 --sweep-model inception_v3 --repeats 3 \
        --image "$IMAGE"
 fi

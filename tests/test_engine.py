@@ -324,6 +324,19 @@ def test_resolve_device_chooses_once_and_says_when_cuda_is_missing(monkeypatch):
     with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available"):
         resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun: this rank's GPU
     assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # an explicit index stays
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 GPU"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("name, fragment", [("foo", "expected auto, cpu, cuda or cuda:N"),
+                                            ("cuda:x", "expected auto, cpu, cuda or cuda:N"),
+                                            ("mps", "only auto, cpu, cuda and cuda:N")])
+def test_resolve_device_refuses_other_names_in_one_line(name, fragment):
+    from models.engine import resolve_device
+
+    with pytest.raises(ValueError, match=fragment):
+        resolve_device(name)

@@ -9,6 +9,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 
 import explain
 from explainer import models
@@ -102,6 +103,32 @@ def test_missing_weights_file_is_one_line(model: str, xray_path: str, tmp_path: 
     line = one_error_line(*run_main(["--image", xray_path, "--model", model, "--weights", str(tmp_path / "w.bin"),
                                      "--out", str(tmp_path)], capsys))
     assert "not found" in line and "w.bin" in line
+
+
+def test_wrong_kind_of_weights_file_is_one_line(xray_path: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import h5py
+
+    h5 = tmp_path / "modelo.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = 0
+    line = one_error_line(*run_main(["--image", xray_path, "--weights", str(h5), "--out", str(tmp_path)], capsys))
+    assert "HDF5" in line and "--model vgg16dwsep" in line
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    line = one_error_line(*run_main(["--image", xray_path, "--weights", str(text), "--out", str(tmp_path)], capsys))
+    assert "notes.pth is not a torch state dict file of inception_v3" in line
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    line = one_error_line(*run_main(["--image", xray_path, "--weights", str(other), "--out", str(tmp_path)], capsys))
+    assert "does not hold torchvision's inception_v3 weights" in line and "unexpected" in line
+
+
+def test_out_that_is_a_file_is_one_line(xray_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "figures.png"
+    afile.write_text("x")
+    line = one_error_line(*run_main(["--image", xray_path, "--random-weights", "--out", str(afile)], capsys))
+    assert "figures.png" in line
 
 
 def test_missing_imagenet_weights_say_where_to_put_them(xray_path: str, tmp_path: Path,

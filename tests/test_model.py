@@ -306,6 +306,12 @@ def test_imagenet_weights_from_explicit_path(tmp_path: Path) -> None:
     assert torch.equal(loaded["features.0.weight"], state["features.0.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         imagenet_vgg16_state_dict(tmp_path / "missing.pth")
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(ValueError, match="notes.pth is not a torch state dict file of VGG16"):
+        imagenet_vgg16_state_dict(tmp_path / "notes.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        imagenet_vgg16_state_dict(tmp_path / "list.pth")
 
 
 def test_initialisation_keeps_the_image_signal_well_above_batch_norm_eps():

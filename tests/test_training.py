@@ -183,7 +183,7 @@ def run_cli(args: list[str], **kw) -> subprocess.Popen:
 
 def test_resume_after_kill_9_loses_at_most_the_epoch_in_progress(small_set, tmp_path):
     args = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
-            "--epochs", "3", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--tta"]
+            "--epochs", "3", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--no-tta"]
     proc = run_cli(args)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
@@ -255,9 +255,60 @@ def test_train_first_convs_moves_them_and_is_recorded(small_set, tmp_path):
     assert read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]["settings"]["train_first_convs"] is True
 
 
+def test_resume_refuses_settings_that_change_the_run(small_set, tmp_path, capsys, caplog):
+    base = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
+            "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--no-tta"]
+    assert main(base) == 0
+    capsys.readouterr()
+    ckpt_before = (tmp_path / "checkpoint.pt").read_bytes()
+    for changed, fragment in ((["--seed", "7"], "seed=0; this run asks for seed=7"),
+                              (["--batch-size", "4"], "batch_size=8; this run asks for batch_size=4"),
+                              (["--eval-gain", "1.35"], "eval_gain=1.0; this run asks for eval_gain=1.35"),
+                              (["--weights-out", str(tmp_path / "other.h5")], "weights_out=")):
+        assert main(base + ["--epochs", "2", "--resume", *changed]) == 2, changed
+        err = capsys.readouterr().err
+        assert fragment in err and "another --out" in err and "Traceback" not in err, err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt_before  # nothing trained, nothing written
+    # the same folder spelled another way, and a setting that only warns: accepted, one more epoch
+    same_dir = ["--data-dir", str(small_set / "train" / "..")]
+    with caplog.at_level("WARNING"):
+        assert main(base[2:] + same_dir + ["--epochs", "2", "--resume", "--no-amp"]) == 0
+    assert "--resume: amp was True, now False" in caplog.text
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_bare_tta_says_it_turns_tta_off(capsys):
+    from train import get_args_parser
+
+    assert get_args_parser().parse_args(["--tta"]).tta == [] == get_args_parser().parse_args(["--no-tta"]).tta
+    assert "turns test-time augmentation off" in capsys.readouterr().err
+    assert get_args_parser().parse_args([]).tta == [4, 8]
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--tta", "4", "--no-tta"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--weights", "modelo.h5"], "--weights is read only with --eval-only"),
+    (["--json"], "--json is for --eval-only"),
+    (["--device", "foo"], "--device foo: expected"),
+])
+def test_options_that_would_be_ignored_are_refused(small_set, tmp_path, argv, fragment, capsys):
+    assert main(["--data-dir", str(small_set), "--out", str(tmp_path), "--no-pretrained", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_out_that_is_a_file_is_one_line(small_set, tmp_path, capsys):
+    afile = tmp_path / "notafolder.h5"
+    afile.write_text("x")
+    assert main(["--data-dir", str(small_set), "--out", str(afile), "--no-pretrained", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "notafolder.h5" in err and "Traceback" not in err
+
+
 def test_resume_refuses_other_first_convolutions(small_set, tmp_path, capsys):
     base = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
-            "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--tta"]
+            "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--no-tta"]
     assert main(base) == 0
     capsys.readouterr()
     assert main(base + ["--epochs", "2", "--resume", "--train-first-convs"]) == 2
@@ -268,3 +319,19 @@ def test_resume_refuses_other_first_convolutions(small_set, tmp_path, capsys):
     del ckpt["settings"]["train_first_convs"]
     torch.save(ckpt, ckpt_path)
     assert main(base + ["--epochs", "2", "--resume"]) == 0
+
+
+def test_train_subset_larger_than_the_split_warns(small_set, caplog):
+    from pipelines.data import index_dataset
+    from pipelines.loaders import make_samplers
+
+    index = index_dataset(small_set)
+    whole = make_samplers(index, 0, 0.2, None)
+    with caplog.at_level("WARNING"):
+        asked = make_samplers(index, 0, 0.2, 100_000)
+    assert f"--train-subset 100000: the training split has {len(whole.train_indices)} images" in caplog.text
+    assert list(asked.train_indices) == list(whole.train_indices)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_samplers(index, 0, 0.2, 8)
+    assert "--train-subset" not in caplog.text

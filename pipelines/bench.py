@@ -244,16 +244,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="what to measure (default: %(default)s); 'training' trains VGG16DWSep fed by each "
                         "loader against the same batches already on the device (pipelines.bench_training; "
                         "about 1.1 s a step at batch 16 on this 2-core CPU, meant for a GPU)")
-    p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS))
-    p.add_argument("--n224", type=int, default=400, help="files of chest_xray_224 to use")
+    p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS),
+                   help="transforms section: the decode + transform toolchains to time (default: all)")
+    p.add_argument("--n224", type=int, default=400,
+                   help="files of chest_xray_224's train/ to use, evenly spread (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=10,
                    help="passes over the files per measurement (default 10: with fewer, a loader's start-up "
                         "weighs on its figure)")
     p.add_argument("--min-images", type=int, default=0,
                    help="loaders section: at least this many images per measurement, by more passes over a "
                         "small file set (default: %(default)s, --repeats alone)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4],
+                   help="workers section: DataLoader num_workers values to sweep (default: 0 1 2 4)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64],
+                   help="loaders section: batch sizes (default: 16 64)")
     p.add_argument("--train-steps", type=int, default=40,
                    help="training section: timed steps per feed, after max(5, 2 x workers) untimed (default: "
                         "%(default)s; a loader slower than training may gain up to 2 x workers / steps)")
@@ -266,7 +270,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for name in ("n224", "repeats", "train_steps", "train_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("workers", "batch_sizes"):
+        bad = [v for v in getattr(args, name) if v < (0 if name == "workers" else 1)]
+        if bad:
+            parser.error(f"--{name.replace('_', '-')}: {bad} out of range (workers >= 0, batch sizes >= 1)")
+    if args.min_images < 0:
+        parser.error(f"--min-images must be >= 0, got {args.min_images}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fullres_dir, small_dir = args.data / "chest_xray_fullres", args.data / "chest_xray_224"
     for d in (fullres_dir, small_dir):

@@ -21,11 +21,12 @@ Then two rows whose dataset hands over one ready image at a time, through ``Torc
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import run_cli, script_parser  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -86,9 +87,9 @@ def make_loader(mode: str, n: int, batch_size: int, workers: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser = script_parser(__doc__)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="batch sizes to measure")
     parser.add_argument("--batches", type=int, default=100, help="batches per measurement")
     args = parser.parse_args(argv)
     rows = []
@@ -104,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -12,7 +12,6 @@ the same seeded subset of the training split as ``--bn-recalibrate``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
 
 from models.engine import classification_metrics, precision_options, predict, recalibrate_batchnorm  # noqa: E402
 from models.h5io import load_modelo_h5  # noqa: E402
@@ -47,11 +48,11 @@ def load_weights(path: str) -> tuple[torch.nn.Module, dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument("--weights", required=True, help="modelo.h5 or a checkpoint.pt of train.py")
-    parser.add_argument("--data-dir", default="../shared/data/chest_xray_224")
-    parser.add_argument("--images", type=int, default=1600, help="training images to estimate with (default 1600)")
+    parser.add_argument("--data-dir", default=str(SHARED_DATA / "chest_xray_224"),
+                        help="dataset folder with train/ and test/")
+    parser.add_argument("--images", type=int, default=1600, help="training images to estimate with")
     parser.add_argument("--gain", type=float, help="evaluation gain (default: the model's --eval-gain)")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -11,13 +11,14 @@ multiplication only. The first row runs twice and its first (warm-up) run is dro
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
 
 import numpy as np  # noqa: E402
 from nvidia.dali import fn, types  # noqa: E402
@@ -52,12 +53,12 @@ VARIANTS = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/chest_xray_224")
-    parser.add_argument("--files", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = script_parser(__doc__)
+    parser.add_argument("--data", default=str(SHARED_DATA / "chest_xray_224"), help="folder of JPEGs (recursive)")
+    parser.add_argument("--files", type=int, default=400, help="files to use (the first N)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the files per row")
+    parser.add_argument("--batch-size", type=int, default=64, help="DALI batch size")
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads")
     args = parser.parse_args()
     files = list_images(Path(args.data), args.files)
     order = repeated_sampler(len(files), args.repeats)
@@ -82,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -10,7 +10,6 @@ prints images per second and the iterating thread's CPU milliseconds per batch (
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
 
 import pipelines.dali as dali  # noqa: E402
 from report import markdown_table  # noqa: E402
@@ -43,9 +44,9 @@ def one_pass(files: list[str], passes: int, threads: int, device_id: int | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray_fullres"))
+    parser = script_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "chest_xray_fullres",
+                        help="folder of JPEGs (recursive)")
     parser.add_argument("--passes", type=int, default=3, help="passes over the files per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per setting, interleaved (median)")
     parser.add_argument("--threads", type=int, default=2, help="DALI threads")
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -27,7 +27,6 @@ Checks (limits in the table; images float32 in [0, 1] before the noise):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
 
 from pipelines.dali import DaliLoader, is_gray_jpeg, read_encoded  # noqa: E402
 from pipelines.decoded_cache import DecodedCache  # noqa: E402
@@ -143,9 +144,8 @@ def consumed_without_waiting(first: Iterable, second: Iterable, spin: Callable[[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"),
+    parser = script_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
                         help="folder holding chest_xray_fullres/ and chest_xray_224/")
     parser.add_argument("--cpu", action="store_true",
                         help="run the 'GPU' side on the CPU too (tries the script where there is no GPU)")
@@ -169,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -22,7 +22,6 @@ Each row decodes the same files, read into memory once (no file I/O), on one thr
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -32,6 +31,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -40,7 +41,6 @@ from pipelines.bench import list_images  # noqa: E402
 from report import markdown_table  # noqa: E402
 
 SIZE = imageio.TARGET_SIZE
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_fullres"
 
 
 def _cv2():
@@ -179,10 +179,8 @@ def dali_cpu_ms(encoded: list, repeats: int, resize: bool = False, batch_size: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--data", default=str(DEFAULT_DATA),
+    parser = script_parser(__doc__)
+    parser.add_argument("--data", default=str(SHARED_DATA / "chest_xray_fullres"),
                         help="folder of JPEGs, searched recursively (default: %(default)s)")
     parser.add_argument("--files", type=int, default=None, help="use the first N files (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="passes per decoder, best kept (default: 3)")
@@ -227,4 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

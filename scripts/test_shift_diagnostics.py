@@ -23,7 +23,6 @@ errors?).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch
 from sklearn.metrics import roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import SHARED_DATA, run_cli, script_parser  # noqa: E402
 
 from models.engine import classification_metrics, precision_options, predict, recalibrate_batchnorm  # noqa: E402
 from models.h5io import load_modelo_h5  # noqa: E402
@@ -59,12 +60,14 @@ def reweighted(probs: np.ndarray, prior_from: np.ndarray, prior_to: np.ndarray) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--data-dir", default="../shared/data/chest_xray_224")
-    parser.add_argument("--copies", type=int, default=8, metavar="D")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = script_parser(__doc__)
+    parser.add_argument("--weights", required=True, help="a modelo.h5 of train.py")
+    parser.add_argument("--data-dir", default=str(SHARED_DATA / "chest_xray_224"),
+                        help="dataset folder with train/ and test/")
+    parser.add_argument("--copies", type=int, default=8, metavar="D",
+                        help="noise copies averaged in the 'mean of D copies' row")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split (as the run's), the noise draws and AdaBN's batch order")
     args = parser.parse_args()
     device = torch.device("cpu")
     model, meta = load_modelo_h5(args.weights, device)
@@ -154,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -82,6 +82,20 @@ def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, cap
     assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("argv, fragment", [(["--n224", "0"], "--n224 must be >= 1"),
+                                            (["--repeats", "0"], "--repeats must be >= 1"),
+                                            (["--workers", "2", "-1"], "--workers: [-1] out of range"),
+                                            (["--batch-sizes", "0"], "--batch-sizes: [0] out of range"),
+                                            (["--train-steps", "0"], "--train-steps must be >= 1")])
+def test_bench_refuses_counts_out_of_range_before_measuring(argv, fragment, capsys, tmp_path):
+    from pipelines import bench
+
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--sections", "transforms", *argv, "--json", str(out)])
+    assert stop.value.code == 2 and fragment in capsys.readouterr().err and not out.exists()
+
+
 def test_a_deferred_loss_check_gets_a_per_step_row_beside_it(monkeypatch):
     """Where the loop reads its loss every k > 1 batches (a GPU's default), the resident batches are also
     trained reading it every batch, so the device check measures what the per-step wait costs."""

@@ -25,7 +25,7 @@ from models.early_stopping import EarlyStopping
 from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, precision_label,
                            precision_options, predict, recalibrate_batchnorm, tta_labels, tta_predict,
                            train_one_epoch)
-from models.h5io import load_modelo_h5, save_modelo_h5
+from models.h5io import load_modelo_h5, read_modelo_metadata, save_modelo_h5
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
@@ -233,6 +233,22 @@ class Run:
                     time.perf_counter() - start, "modelo.h5, " if improved else "")
 
 
+def warn_if_overwriting(settings: Any) -> None:
+    """A new run replaces --weights-out at its first epoch (the default, ./modelo.h5, is shared by
+    every --out); say whose best weights are about to go, so they can be copied first."""
+    path = Path(settings.weights_out)
+    if not path.exists():
+        return
+    try:
+        meta = read_modelo_metadata(path)["metadata"]
+        whose = (f"run in {meta['settings']['out']!r}, best epoch {meta['best'].get('epoch')}, "
+                 f"validation loss {meta['best'].get('val_loss', float('nan')):.4f}")
+    except (OSError, ValueError, KeyError, TypeError):
+        whose = "not a modelo.h5 this version reads"
+    logger.warning("%s exists (%s): this run replaces it at its first epoch; give --weights-out to keep it",
+                   path, whose)
+
+
 def train(settings, device: torch.device, resume: bool = False) -> dict:
     """Train until early stopping or ``settings.epochs``; return the test metrics of the best weights.
 
@@ -262,8 +278,11 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         if stopped:
             logger.info("that run had already stopped early: %s", run.stopper.reason)
             start_epoch = settings.epochs
-    elif main_process and (run.out / LOG).exists():
-        (run.out / LOG).unlink()
+    else:
+        if main_process:
+            warn_if_overwriting(settings)
+        if main_process and (run.out / LOG).exists():
+            (run.out / LOG).unlink()
     net = model
     if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -335,3 +335,24 @@ def test_train_subset_larger_than_the_split_warns(small_set, caplog):
     with caplog.at_level("WARNING"):
         make_samplers(index, 0, 0.2, 8)
     assert "--train-subset" not in caplog.text
+
+
+def test_a_new_run_says_whose_weights_it_replaces(tmp_path, monkeypatch, caplog):
+    from models import training
+
+    target = tmp_path / "modelo.h5"
+    settings = settings_for(tmp_path, tmp_path / "run2", weights_out=str(target))
+    with caplog.at_level("WARNING"):
+        training.warn_if_overwriting(settings)
+    assert caplog.text == ""  # nothing there yet
+    target.write_text("not hdf5")
+    with caplog.at_level("WARNING"):
+        training.warn_if_overwriting(settings)
+    assert f"{target} exists (not a modelo.h5 this version reads)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(training, "read_modelo_metadata", lambda path: {
+        "metadata": {"settings": {"out": "out/run1"}, "best": {"epoch": 7, "val_loss": 0.0812}}})
+    with caplog.at_level("WARNING"):
+        training.warn_if_overwriting(settings)
+    assert "run in 'out/run1', best epoch 7, validation loss 0.0812" in caplog.text
+    assert "give --weights-out to keep it" in caplog.text

@@ -27,6 +27,7 @@ from explainer.figures import plot_grid, plot_importance, plot_perturbations, pl
 from explainer.models import BriefTraining, LoadedModel, explanation_image, load_inception_v3, load_vgg16dwsep
 from explainer.segmentation import SEGMENTATIONS, SegmentationSettings, describe, segment
 from models.engine import resolve_device
+from pipelines.cli import want_traceback
 from pipelines.files import atomic_path
 
 logger = logging.getLogger("explain")
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         report = run(settings, resolve_device(settings.device))
     except (OSError, ValueError) as error:  # bad input, missing or unwritable paths: one line, no traceback
+        if want_traceback():  # NEUMONIA_DALI_TRACEBACK=1
+            raise
         print(f"explain.py: error: {error}", file=sys.stderr)
         return 1
     if settings.json:

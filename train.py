@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (OSError, ValueError) as exc:  # bad input, missing or unwritable paths: one line, no traceback
+        from pipelines.cli import want_traceback
+
+        if want_traceback():  # NEUMONIA_DALI_TRACEBACK=1
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -179,7 +179,8 @@ def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bo
     else:
         state = inception_state_dict(weights)
         model = build()
-        missing = sorted(set(model.state_dict()) - set(state))
+        # BatchNorm's num_batches_tracked is filled in by load_state_dict for files saved before it existed
+        missing = sorted(k for k in set(model.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
             raise ValueError(f"{weights or 'the cached file'} does not hold torchvision's inception_v3 weights: "

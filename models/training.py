@@ -146,12 +146,13 @@ def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: s
 
 #: Settings a resumed run must share with its checkpoint: the split, the samplers' orders, the
 #: optimiser, the selection (validation transform, BatchNorm re-estimate) and where the best weights
-#: so far are. Others may change (--epochs to go further, --num-workers, --device, --tta, ...).
+#: so far are; the number of torchrun processes is checked beside them. Others may change (--epochs to
+#: go further, --device, --tta, ...).
 RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "weight_decay", "paciencia",
                      "eval_gain", "eval_noise", "bn_recalibrate", "weights_out", "demo")
-#: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream or
-#: its numerics are no longer those of one uninterrupted run.
-RESUME_WARN = ("loader", "amp", "decoded_cache")
+#: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream
+#: (seeded per worker) or its numerics are no longer those of one uninterrupted run.
+RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers")
 
 
 def _same_setting(key: str, saved: Any, ours: Any) -> bool:
@@ -160,11 +161,17 @@ def _same_setting(key: str, saved: Any, ours: Any) -> bool:
     return saved == ours
 
 
-def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path) -> None:
+def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path, saved_world_size: int | None = None,
+                           world_size: int = 1) -> None:
     """Refuse to resume with other settings than the checkpoint's, for those in ``RESUME_MUST_MATCH``
-    (keys a checkpoint predates are not checked); warn for those in ``RESUME_WARN``."""
+    and the number of processes (it shards each epoch's order and seeds each rank; keys a checkpoint
+    predates are not checked); warn for those in ``RESUME_WARN``."""
     ours = dataclasses.asdict(settings)
-    differ = [k for k in RESUME_MUST_MATCH if k in saved and not _same_setting(k, saved[k], ours[k])]
+    saved = dict(saved)
+    if saved_world_size is not None:
+        saved["world_size"], ours["world_size"] = saved_world_size, world_size
+    differ = [k for k in (*RESUME_MUST_MATCH, "world_size") if k in saved
+              and not _same_setting(k, saved[k], ours[k])]
     if differ:
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         now = ", ".join(f"{k}={ours[k]!r}" for k in differ)
@@ -177,12 +184,12 @@ def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path) -> None:
                            "of one uninterrupted run", key, saved[key], ours[key])
 
 
-def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            stopper: EarlyStopping, device: torch.device, settings: Any) -> tuple[list[dict], dict, int, bool]:
-    """Load a checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
+def load_checkpoint(ckpt_path: Path, settings: Any, world_size: int = 1) -> dict:
+    """The checkpoint of the run to resume, checked against this run's settings before anything
+    costly (indexing, decoding a cache, building the model) is done."""
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     # what the first convolutions are (the optimizer holds only the trainable ones), as saved; a
     # checkpoint without the keys predates them: ImageNet weights asked for, frozen
     saved = ckpt.get("settings", {})
@@ -191,7 +198,13 @@ def restore(ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     if theirs != ours:
         raise ValueError(f"--resume: {ckpt_path} was trained with {theirs}, this run asks for {ours} "
                          "(--no-pretrained, --train-first-convs); give the same options or another --out")
-    check_resumed_settings(saved, settings, ckpt_path)
+    check_resumed_settings(saved, settings, ckpt_path, ckpt.get("world_size"), world_size)
+    return ckpt
+
+
+def restore(ckpt: dict, ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            stopper: EarlyStopping) -> tuple[list[dict], dict, int, bool]:
+    """Load a checked checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     stopper.load_state_dict(ckpt["early_stopping"])
@@ -210,6 +223,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     stopper: EarlyStopping
     pretrained_note: str
+    world_size: int = 1
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=dict)
 
@@ -227,7 +241,7 @@ class Run:
         save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                         early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
                         history=self.history, best=self.best, settings=dataclasses.asdict(self.settings),
-                        stopped=stop)
+                        stopped=stop, world_size=self.world_size)
         plot_learning_curves(self.history, self.out / "learning_curves.png")
         logger.info("epoch %d: files written in %.1f s (%scheckpoint, curves)", row["epoch"],
                     time.perf_counter() - start, "modelo.h5, " if improved else "")
@@ -259,6 +273,7 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     rank, world_size = world()
     main_process = rank == 0
     Path(settings.out).mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(Path(settings.out) / CHECKPOINT, settings, world_size) if resume else None
     index = index_dataset(settings.data_dir)
     loaders = make_loaders(index, loader_settings(settings), device)
     logger.info("train %d images, validation %d (resampled to the test balance), test %d; %s loader on %s%s",
@@ -268,13 +283,14 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     run = Run(settings, index, model,
               torch.optim.Adam(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay),
               EarlyStopping(modo="min", paciencia=settings.paciencia),
-              first_convs_note(settings))
+              first_convs_note(settings), world_size)
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
     start_epoch = 0
-    if resume:
-        run.history, run.best, start_epoch, stopped = restore(run.out / CHECKPOINT, model, run.optimizer,
-                                                               run.stopper, device, settings)
+    if ckpt is not None:
+        run.history, run.best, start_epoch, stopped = restore(ckpt, run.out / CHECKPOINT, model, run.optimizer,
+                                                               run.stopper)
+        del ckpt
         if stopped:
             logger.info("that run had already stopped early: %s", run.stopper.reason)
             start_epoch = settings.epochs

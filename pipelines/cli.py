@@ -3,12 +3,19 @@ errors instead of tracebacks for the mistakes a user makes (a missing or unreada
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 #: ../shared/data beside the project, whatever the current directory
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: set (to anything but empty or 0) to get the full traceback instead of the one-line error
+TRACEBACK_ENV = "NEUMONIA_DALI_TRACEBACK"
+
+
+def want_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
 def script_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -26,9 +33,12 @@ def script_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run_cli(main: Callable[[], int], prog: str | None = None) -> int:
-    """``main()``, with OSError and ValueError turned into one line on stderr and exit status 2."""
+    """``main()``, with OSError and ValueError turned into one line on stderr and exit status 2
+    (the traceback with NEUMONIA_DALI_TRACEBACK=1)."""
     try:
         return main()
     except (OSError, ValueError) as error:
+        if want_traceback():
+            raise
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2

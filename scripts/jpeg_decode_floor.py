@@ -22,6 +22,7 @@ Each row decodes the same files, read into memory once (no file I/O), on one thr
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.files is not None and args.files < 1:
+        parser.error("--files must be at least 1")
 
     folder = Path(args.data)
     files = list_images(folder, args.files) if folder.is_dir() else []
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [{"decoder": name, "ms_per_image": time_decoder(decode, encoded, args.repeats)}
             for name, decode in decoders.items()]
-    if not args.no_dali:
+    dali = not args.no_dali and importlib.util.find_spec("nvidia.dali") is not None
+    if dali:
         rows.append({"decoder": "DALI CPU decoders.image, whole file (CPU ms, all threads)",
                      "ms_per_image": dali_cpu_ms(encoded, args.repeats)})
         rows.append({"decoder": "DALI CPU, whole file + the loader's resize to 224 (CPU ms, all threads)",
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
           f"decode alone is {by_name[PLAIN_ROW] / by_name[FLOOR_ROW]:.2f} x the floor")
     if extra is None:
         print("(simplejpeg not installed: its row is left out)")
+    if not args.no_dali and not dali:
+        print("(DALI not installed, the project's [dali] extra: its rows are left out)")
     if args.json:
         args.json.write_text(json.dumps({"files": len(files), "data": str(folder), "rows": rows}, indent=1) + "\n")
     return 0

@@ -75,3 +75,26 @@ def test_script_error_is_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"test_shift_diagnostics.py: error: modelo.h5 not found: "
                                                 f"{tmp_path / 'missing.h5'}"]
+
+
+def test_the_traceback_comes_back_on_request(monkeypatch):
+    from pipelines.cli import TRACEBACK_ENV
+
+    def main():
+        raise ValueError("bad value")
+
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError):
+        run_cli(main)
+    monkeypatch.setenv(TRACEBACK_ENV, "0")
+    assert run_cli(main) == 2
+
+
+def test_train_py_traceback_on_request(monkeypatch, capsys):
+    from pipelines.cli import TRACEBACK_ENV
+    from train import main
+
+    assert main(["--data-dir", "/nonexistent/xray"]) == 2
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/xray"):
+        main(["--data-dir", "/nonexistent/xray"])

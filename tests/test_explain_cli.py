@@ -124,6 +124,18 @@ def test_wrong_kind_of_weights_file_is_one_line(xray_path: str, tmp_path: Path,
     assert "does not hold torchvision's inception_v3 weights" in line and "unexpected" in line
 
 
+def test_inception_weights_saved_without_num_batches_tracked_still_load(tmp_path: Path) -> None:
+    """Files saved before BatchNorm counted its batches lack those entries; torch fills them in."""
+    import torchvision
+
+    state = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(state)
+    torch.save(old, tmp_path / "old.pth")
+    loaded = models.load_inception_v3(tmp_path / "old.pth", False, torch.device("cpu"))
+    assert loaded.weights_note == "ImageNet (old.pth)"
+
+
 def test_out_that_is_a_file_is_one_line(xray_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "figures.png"
     afile.write_text("x")

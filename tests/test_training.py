@@ -1,6 +1,7 @@
 """The whole run on a tiny synthetic set: outputs, modelo.h5, resume after kill -9, CLI errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -255,12 +256,19 @@ def test_train_first_convs_moves_them_and_is_recorded(small_set, tmp_path):
     assert read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]["settings"]["train_first_convs"] is True
 
 
-def test_resume_refuses_settings_that_change_the_run(small_set, tmp_path, capsys, caplog):
+def test_resume_refuses_settings_that_change_the_run(small_set, tmp_path, capsys, caplog, monkeypatch):
     base = ["--data-dir", str(small_set), "--out", str(tmp_path), "--weights-out", str(tmp_path / "modelo.h5"),
             "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-pretrained", "--no-tta"]
     assert main(base) == 0
     capsys.readouterr()
-    ckpt_before = (tmp_path / "checkpoint.pt").read_bytes()
+    ckpt_path = tmp_path / "checkpoint.pt"
+    ckpt_before = ckpt_path.read_bytes()
+    from models import training
+
+    def no_indexing(*args, **kwargs):
+        raise AssertionError("the checkpoint is checked before the data is indexed")
+
+    monkeypatch.setattr(training, "index_dataset", no_indexing)
     for changed, fragment in ((["--seed", "7"], "seed=0; this run asks for seed=7"),
                               (["--batch-size", "4"], "batch_size=8; this run asks for batch_size=4"),
                               (["--eval-gain", "1.35"], "eval_gain=1.0; this run asks for eval_gain=1.35"),
@@ -268,7 +276,15 @@ def test_resume_refuses_settings_that_change_the_run(small_set, tmp_path, capsys
         assert main(base + ["--epochs", "2", "--resume", *changed]) == 2, changed
         err = capsys.readouterr().err
         assert fragment in err and "another --out" in err and "Traceback" not in err, err
-    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt_before  # nothing trained, nothing written
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["world_size"] == 1
+    ckpt["world_size"] = 2  # as if written under torchrun --nproc_per_node=2
+    torch.save(ckpt, ckpt_path)
+    assert main(base + ["--epochs", "2", "--resume"]) == 2
+    assert "world_size=2; this run asks for world_size=1" in capsys.readouterr().err
+    ckpt_path.write_bytes(ckpt_before)
+    monkeypatch.undo()
+    assert ckpt_path.read_bytes() == ckpt_before  # nothing trained, nothing written
     # the same folder spelled another way, and a setting that only warns: accepted, one more epoch
     same_dir = ["--data-dir", str(small_set / "train" / "..")]
     with caplog.at_level("WARNING"):
@@ -356,3 +372,15 @@ def test_a_new_run_says_whose_weights_it_replaces(tmp_path, monkeypatch, caplog)
         training.warn_if_overwriting(settings)
     assert "run in 'out/run1', best epoch 7, validation loss 0.0812" in caplog.text
     assert "give --weights-out to keep it" in caplog.text
+
+
+def test_resume_warns_for_settings_that_change_the_augmentation_stream(caplog):
+    from models.training import check_resumed_settings
+
+    ours = Settings(data_dir="d", num_workers=2, loader="dali")
+    saved = dataclasses.asdict(Settings(data_dir="d", num_workers=1, loader="torchvision"))
+    with caplog.at_level("WARNING"):
+        check_resumed_settings(saved, ours, Path("c.pt"))
+    assert "num_workers was 1, now 2" in caplog.text and "loader was 'torchvision', now 'dali'" in caplog.text
+    saved_old = {k: v for k, v in saved.items() if k not in ("seed", "num_workers")}  # an older checkpoint
+    check_resumed_settings(saved_old, dataclasses.replace(ours, seed=5), Path("c.pt"))  # keys it lacks: not checked

@@ -179,7 +179,8 @@ def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bo
     else:
         state = inception_state_dict(weights)
         model = build()
-        # BatchNorm's num_batches_tracked is filled in by load_state_dict for files saved before it existed
+        # keys first (torch reports a shape mismatch before them); BatchNorm's num_batches_tracked is
+        # filled in by load_state_dict for files saved before it existed
         missing = sorted(k for k in set(model.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
@@ -188,8 +189,9 @@ def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bo
                              f"(e.g. {unexpected[:2]})")
         try:
             model.load_state_dict(state)
-        except RuntimeError as error:  # same names, other shapes
-            raise ValueError(f"{weights or 'the cached file'}: {str(error).splitlines()[0]}") from None
+        except RuntimeError as error:  # same names, other shapes: torch's first line is only a header
+            details = "; ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
+            raise ValueError(f"{weights or 'the cached file'}: {details or error}") from None
         note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
     predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, amp=amp)
     return LoadedModel("inception_v3", predictor, list(INCEPTION_WEIGHTS.meta["categories"]), note, crop=True)

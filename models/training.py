@@ -294,10 +294,9 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
         if stopped:
             logger.info("that run had already stopped early: %s", run.stopper.reason)
             start_epoch = settings.epochs
-    else:
-        if main_process:
-            warn_if_overwriting(settings)
-        if main_process and (run.out / LOG).exists():
+    elif main_process:
+        warn_if_overwriting(settings)
+        if (run.out / LOG).exists():
             (run.out / LOG).unlink()
     net = model
     if world_size > 1:

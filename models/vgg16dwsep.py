@@ -11,6 +11,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import torch
 import torchvision
 from torch import nn
@@ -195,9 +196,6 @@ def _missing_weights_message(url: str, cached_file: Path) -> str:
     )
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def read_state_dict_file(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
     """A torch state dict (``torch.save`` of a dict of tensors, the .pth files torchvision
     publishes) read with ``weights_only=True``; one-line errors for a missing file, a modelo.h5 or
@@ -205,11 +203,10 @@ def read_state_dict_file(path: str | os.PathLike[str], what: str) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-            raise ValueError(f"{path} is an HDF5 file (a modelo.h5 of train.py?), not a torch state dict of {what}; "
-                             "a modelo.h5 goes to explain.py --model vgg16dwsep --weights, or to train.py "
-                             "--eval-only --weights")
+    if h5py.is_hdf5(path):  # as models.h5io checks a modelo.h5
+        raise ValueError(f"{path} is an HDF5 file (a modelo.h5 of train.py?), not a torch state dict of {what}; "
+                         "a modelo.h5 goes to explain.py --model vgg16dwsep --weights, or to train.py "
+                         "--eval-only --weights")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch's own errors: all mean "not a state dict file"

@@ -25,12 +25,11 @@ import torch
 from models.engine import resolve_device
 
 from . import imageio
+from .cli import SHARED_DATA
 from .files import atomic_path
 from .transforms import DEFAULT_TOOLCHAIN, TOOLCHAINS, get_toolchain
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: A downscaling decoder is accepted when its evaluation output differs from the plain
 #: chain's (full decode + antialiased bilinear resize) by at most this much, on [0, 1] values.
@@ -237,7 +236,7 @@ def format_rows(title: str, rows: list[dict]) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_SHARED,
+    p.add_argument("--data", type=Path, default=SHARED_DATA,
                    help="folder holding chest_xray_fullres/ and chest_xray_224/ (default: %(default)s)")
     p.add_argument("--sections", nargs="+", default=["transforms", "workers", "loaders"],
                    choices=["transforms", "workers", "loaders", "training"],
@@ -275,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("n224", "repeats", "train_steps", "train_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("workers", "batch_sizes"):
-        bad = [v for v in getattr(args, name) if v < (0 if name == "workers" else 1)]
+    for name, low in (("workers", 0), ("batch_sizes", 1)):
+        bad = [v for v in getattr(args, name) if v < low]
         if bad:
             parser.error(f"--{name.replace('_', '-')}: {bad} out of range (workers >= 0, batch sizes >= 1)")
     if args.min_images < 0:

@@ -227,11 +227,12 @@ def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import DEFAULT_SHARED, format_rows, list_images
+    from .bench import format_rows, list_images
+    from .cli import SHARED_DATA
 
     p = argparse.ArgumentParser(description="DALI CPU with and without the decoded cache, "
                                 "and our torchvision chain over the cache")
-    p.add_argument("--data", type=str, default=str(DEFAULT_SHARED / "chest_xray_fullres"))
+    p.add_argument("--data", type=str, default=str(SHARED_DATA / "chest_xray_fullres"))
     p.add_argument("--repeats", type=int, default=3, help="passes over the files per measurement")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])

@@ -65,10 +65,18 @@ def fixed_scale(factor: int) -> Callable[[np.ndarray, tuple[int, int, int]], np.
     return decode
 
 
-def ours(data: np.ndarray, header: tuple[int, int, int]) -> np.ndarray:
+def smallest_scale() -> Callable[[np.ndarray, tuple[int, int, int]], np.ndarray]:
+    """OpenCV decode at the smallest scale keeping both sides >= 224, as our loader chooses it."""
     cv2 = _cv2()
-    width, height, components = header
-    return cv2.imdecode(data, imageio._reduced_flag(width, height, SIZE, components == 1))
+
+    def decode(data: np.ndarray, header: tuple[int, int, int]) -> np.ndarray:
+        width, height, components = header
+        return cv2.imdecode(data, imageio._reduced_flag(width, height, SIZE, components == 1))
+
+    return decode
+
+
+ours = smallest_scale()
 
 
 def pil_whole(data: np.ndarray, header: tuple[int, int, int]) -> Image.Image:

@@ -122,6 +122,13 @@ def test_wrong_kind_of_weights_file_is_one_line(xray_path: str, tmp_path: Path,
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
     line = one_error_line(*run_main(["--image", xray_path, "--weights", str(other), "--out", str(tmp_path)], capsys))
     assert "does not hold torchvision's inception_v3 weights" in line and "unexpected" in line
+    import torchvision
+
+    shaped = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    shaped["fc.weight"] = torch.zeros(2, 2048)  # the right names, a two-class head
+    torch.save(shaped, other)
+    line = one_error_line(*run_main(["--image", xray_path, "--weights", str(other), "--out", str(tmp_path)], capsys))
+    assert "size mismatch for fc.weight" in line
 
 
 def test_inception_weights_saved_without_num_batches_tracked_still_load(tmp_path: Path) -> None:

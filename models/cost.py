@@ -123,3 +123,17 @@ def step_times(separable: bool, device: torch.device, batch_size: int = 16, inpu
         torch.backends.cudnn.benchmark = before
     return {"train_step_s": train_s, "inference_s": infer_s,
             "train_images_per_s": batch_size / train_s, "inference_images_per_s": batch_size / infer_s}
+
+
+def timed_precisions(device: torch.device) -> list[tuple[str, dict]]:
+    """The precision settings ``train.py --count-params`` times on ``device``: fp32, fp32 +
+    channels-last, and where bf16 is native bf16 + channels-last (and with cuDNN's autotuning on CUDA)."""
+    from models.engine import bf16_native
+
+    variants = [("fp32", {}), ("fp32 + channels-last", {"channels_last": True})]
+    if bf16_native(device):
+        variants.append(("bf16 + channels-last", {"amp_dtype": torch.bfloat16, "channels_last": True}))
+    if device.type == "cuda":
+        variants.append(("bf16 + channels-last + cudnn.benchmark",
+                         {"amp_dtype": torch.bfloat16, "channels_last": True, "cudnn_benchmark": True, "warmup": 2}))
+    return variants

@@ -63,6 +63,17 @@ class EarlyStopping:
             return valor <= self._mejor_valor + self._margen()
         return valor >= self._mejor_valor - self._margen()
 
+    def improves(self, metrica_validacion: float) -> bool:
+        """Whether the value is strictly better than the best so far (the first finite value is).
+        Only then should the best weights be replaced: a value within ``tol`` of the best resets
+        the patience (``mejor``) but is not better."""
+        valor = float(metrica_validacion)
+        if not math.isfinite(valor):
+            return False
+        if self._mejor_valor is None:
+            return True
+        return valor < self._mejor_valor if self.modo == "min" else valor > self._mejor_valor
+
     def deberia_parar(self, metrica_validacion: float) -> bool:
         """Record one epoch's metric and say whether training should stop now."""
         valor = float(metrica_validacion)

@@ -146,8 +146,9 @@ def train_one_epoch(
     progress: bool = True,
     max_batches: int | None = None,
     check_every: int | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy training; returns ``TRAIN_KEYS`` (loss and accuracy averaged
+    """One pass of cross-entropy training (weighted per class by ``class_weights``, C floats, when given); returns ``TRAIN_KEYS`` (loss and accuracy averaged
     per image, throughput in images per second).
 
     ``amp_dtype`` runs the forward pass under ``torch.autocast`` (bfloat16: float16 would need
@@ -168,6 +169,7 @@ def train_one_epoch(
     loss_sum, images_seen, checked = 0.0, 0, 0
     pending: list[tuple[torch.Tensor, int]] = []  # (loss, batch size) of the batches not read yet
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
     start = time.perf_counter()
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
 
@@ -185,7 +187,7 @@ def train_one_epoch(
     for images, labels in bar:
         with autocast(device, amp_dtype):
             logits = model(_prepare(images, channels_last))
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         batch_size = labels.shape[0]
@@ -249,93 +251,111 @@ def predict(
     return all_probs, all_labels, loss_sum.item() / len(all_labels)
 
 
-def recalibrate_batchnorm(
-    model: nn.Module,
-    loader: Iterable[Batch],
-    device: torch.device,
-    *,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: bool = False,
-) -> int:
-    """Re-estimate every BatchNorm layer's running mean and variance over ``loader``'s images
-    (forward passes in training mode, no gradient): each becomes the plain average, over the
-    batches, of the batch statistics that training mode normalises with, instead of the
-    exponential average of the last training batches. Returns the number of images.
-
-    Why: during training the running statistics follow the last ~10 batches of augmented images
-    (each value times its own U[1.2, 1.5]); evaluation images carry no such noise, so at the end
-    of an epoch the running statistics are both noisy and off for them (README, 'BatchNorm
-    recalibration'). Feed the evaluation transform to fit evaluation, the training augmentation
-    to fit augmented copies (TTA). Momentum and the model's mode are put back afterwards; under
-    torchrun every rank must call it and the statistics are averaged across ranks.
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return 0
-    device = torch.device(device)
-    was_training = model.training
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches seen
-    seen = 0
-    model.train()
-    try:
-        with torch.no_grad():
-            for images, _labels in tqdm(loader, desc="BatchNorm statistics", disable=not progress, leave=False):
-                with autocast(device, amp_dtype):
-                    model(_prepare(images, channels_last))
-                seen += images.shape[0]
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("the loader gave no images to estimate the BatchNorm statistics with")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world_size = torch.distributed.get_world_size()
-        for m in layers:
-            for buffer in (m.running_mean, m.running_var):
-                torch.distributed.all_reduce(buffer)
-                buffer /= world_size
-    return seen
+def decide(probs: np.ndarray, threshold: float | None = None, positive: int = 1) -> np.ndarray:
+    """Predicted classes: the argmax of each row, or, with ``threshold``, ``positive`` where its
+    probability is >= ``threshold`` and the other class elsewhere (two classes only)."""
+    probs = np.asarray(probs)
+    if threshold is None:
+        return probs.argmax(axis=1)
+    if probs.ndim != 2 or probs.shape[1] != 2:
+        raise ValueError(f"a decision threshold needs N x 2 probabilities, got {probs.shape}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
 
-def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, Any]:
-    """Accuracy, and for class ``positive`` against the rest: F1, precision, recall
-    (sensitivity), specificity (recall of the rest) and ROC AUC of ``probs[:, positive]``
-    (None when the labels hold one class only); the C x C confusion matrix (rows true,
-    columns predicted) as nested lists; ``n``. Undefined ratios are 0."""
+def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, positive: int = 1,
+                           threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, and for class ``positive`` against the rest: F1, precision,
+    recall (sensitivity), specificity (recall of the rest) and ROC AUC of ``probs[:, positive]``
+    (None when the labels hold one class only); the C x C confusion matrix (rows true, columns
+    predicted) as nested lists; ``n``; the ``threshold`` used. Classes come from
+    ``decide(probs, threshold)``. Undefined ratios are 0."""
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     if probs.ndim != 2 or len(labels) != len(probs) or labels.ndim != 1:
         raise ValueError(f"expected labels N and probs N x C, got {labels.shape} and {probs.shape}")
     if not 0 <= positive < probs.shape[1]:
         raise ValueError(f"positive class {positive} out of range for {probs.shape[1]} classes")
-    predictions = probs.argmax(axis=1)
+    predictions = decide(probs, threshold, positive)
     is_positive, predicted_positive = labels == positive, predictions == positive
     one_class = np.unique(labels).size < 2
 
     def for_positive(score) -> float:
         return float(score(labels, predictions, labels=[positive], average=None, zero_division=0)[0])
 
+    recall = for_positive(recall_score)
+    specificity = float(recall_score(~is_positive, ~predicted_positive, zero_division=0))
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": (recall + specificity) / 2,
         "f1": for_positive(f1_score),
         "precision": for_positive(precision_score),
-        "recall": for_positive(recall_score),
-        "specificity": float(recall_score(~is_positive, ~predicted_positive, zero_division=0)),
+        "recall": recall,
+        "specificity": specificity,
         "roc_auc": None if one_class else float(roc_auc_score(is_positive, probs[:, positive])),
         "confusion_matrix": confusion_matrix(labels, predictions, labels=range(probs.shape[1])).tolist(),
         "n": int(len(labels)),
+        "threshold": threshold,
     }
 
 
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, **kw: Any) -> dict[str, Any]:
-    """``classification_metrics`` of ``predict`` (keyword arguments go to it), plus ``loss``."""
-    probs, labels, loss = predict(model, loader, device, **kw)
-    return {**classification_metrics(labels, probs), "loss": loss}
+def choose_threshold(labels: Sequence[int] | np.ndarray, positive_probs: np.ndarray, positive: int = 1) -> float:
+    """The threshold t on P(``positive``) that maximises accuracy on these labels (rule: ``positive``
+    when p >= t). Candidates are 0.5 and the midpoints between consecutive distinct probabilities;
+    among those that tie, the one nearest 0.5, so a flat optimum does not drift to an extreme."""
+    is_positive = np.asarray(labels) == positive
+    p = np.asarray(positive_probs, dtype=np.float64)
+    if p.ndim != 1 or len(p) != len(is_positive) or len(p) == 0:
+        raise ValueError(f"expected N labels and N probabilities, got {is_positive.shape} and {p.shape}")
+    distinct = np.unique(p)
+    candidates = np.unique(np.concatenate([[0.0, 0.5, 1.0], (distinct[1:] + distinct[:-1]) / 2]))
+    # every candidate's number of correct decisions at once, from the sorted probabilities
+    order = np.argsort(p, kind="stable")
+    sorted_p, sorted_positive = p[order], is_positive[order]
+    positives_below = np.concatenate([[0], np.cumsum(sorted_positive)])
+    below = np.searchsorted(sorted_p, candidates, side="left")  # images with p < t: called negative
+    correct = (below - positives_below[below]) + (sorted_positive.sum() - positives_below[below])
+    best = np.flatnonzero(correct == correct.max())
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def cross_fitted_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Metrics of the threshold rule where no image is decided with a threshold chosen on itself:
+    the distinct ``groups`` (image indices; a replicated validation set repeats some) are split in
+    two halves, each half is decided with the threshold chosen on the other, and both are pooled."""
+    labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
+    distinct = np.unique(groups)
+    first = np.isin(groups, np.random.default_rng(seed).permutation(distinct)[: len(distinct) // 2])
+    predictions = np.empty(len(labels), dtype=np.int64)
+    for fit, scored in ((first, ~first), (~first, first)):
+        if scored.any():
+            t = choose_threshold(labels[fit], probs[fit, 1]) if fit.any() else 0.5
+            predictions[scored] = decide(probs[scored], t)
+    metrics = classification_metrics(labels, np.eye(probs.shape[1])[predictions])
+    metrics["roc_auc"] = None if np.unique(labels).size < 2 else float(roc_auc_score(labels == 1, probs[:, 1]))
+    metrics["threshold"] = "cross-fitted"
+    return metrics
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None, *,
+                        n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals (images resampled with replacement, ``n_boot`` times) of
+    accuracy, balanced accuracy, F1, recall and specificity of class 1 under ``decide(probs, threshold)``."""
+    labels = np.asarray(labels)
+    predictions = decide(np.asarray(probs), threshold)
+    draws = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
+    y, p = labels[draws] == 1, predictions[draws] == 1
+    tp, tn = (y & p).sum(axis=1), (~y & ~p).sum(axis=1)
+    fp, fn = (~y & p).sum(axis=1), (y & ~p).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        specificity = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    stats = {"accuracy": (tp + tn) / len(labels), "balanced_accuracy": (recall + specificity) / 2, "f1": f1,
+             "recall": recall, "specificity": specificity}
+    tail = 100 * (1 - level) / 2
+    return {k: [float(v) for v in np.percentile(values, [tail, 100 - tail])] for k, values in stats.items()}
 
 
 def _grouped(array: np.ndarray, d: int, what: str) -> np.ndarray:
@@ -357,23 +377,15 @@ def tta_labels(labels: Sequence[int] | np.ndarray, d: int) -> np.ndarray:
     return groups[:, 0]
 
 
-def tta_predict(probs: np.ndarray, d: int) -> dict[str, np.ndarray]:
-    """Two votes over ``d`` augmented copies per image (N*d x C rows grouped by image):
-
-    - ``max_confidence``: the predicted class of the copy whose top probability is highest;
-    - ``mean_probability``: the argmax of the probabilities averaged over the copies
-      (``mean_probs``, N x C).
-    """
+def tta_probabilities(probs: np.ndarray, d: int) -> dict[str, np.ndarray]:
+    """Both rules' N x C probabilities over ``d`` augmented copies per image (N*d x C rows grouped by
+    image): ``mean_probability``, the copies' mean; ``max_confidence``, the probabilities of the copy
+    whose top probability is highest (the brief's rule). ``decide`` turns either into classes."""
     groups = _grouped(np.asarray(probs), d, "probs")
     if groups.ndim != 3:
         raise ValueError(f"probs must be N*d x C, got shape {np.shape(probs)}")
     surest_copy = groups.max(axis=2).argmax(axis=1)
-    mean_probs = groups.mean(axis=1)
-    return {
-        "max_confidence": groups[np.arange(len(groups)), surest_copy].argmax(axis=1),
-        "mean_probability": mean_probs.argmax(axis=1),
-        "mean_probs": mean_probs,
-    }
+    return {"mean_probability": groups.mean(axis=1), "max_confidence": groups[np.arange(len(groups)), surest_copy]}
 
 
 def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -1,17 +1,16 @@
 """The training run: loaders, model, optimizer, early stopping, checkpoints, modelo.h5, test metrics.
 
-``train`` is what ``python train.py`` runs; ``evaluate_weights`` is ``--eval-only``.  The loop
+``run`` is what ``python train.py`` runs; ``evaluate_weights`` is ``--eval-only``.  The loop
 never asks which loader back end it has: every loader yields ``(images, labels)`` on ``device``
-and has ``set_epoch``.
+and has ``set_epoch``.  All randomness derives from ``config.seed`` (``pipelines.seeds``).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
+import os
 import platform
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -21,23 +20,27 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from models.config import EVAL_TRANSFORMS, RunConfig
 from models.early_stopping import EarlyStopping
-from models.engine import (classification_metrics, plot_confusion_matrix, plot_learning_curves, precision_label,
-                           precision_options, predict, recalibrate_batchnorm, tta_labels, tta_predict,
-                           train_one_epoch)
+from models.engine import (bootstrap_intervals, choose_threshold, classification_metrics, cross_fitted_metrics,
+                           plot_confusion_matrix, plot_learning_curves, precision_label, precision_options, predict,
+                           resolve_device, tta_labels, tta_probabilities, train_one_epoch)
 from models.h5io import load_modelo_h5, read_modelo_metadata, save_modelo_h5
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
-from pipelines.loaders import LoaderSettings, make_loader, make_loaders, make_samplers
+from pipelines.loaders import LoaderSettings, make_loader, make_samplers, resolve_backend
 from pipelines.samplers import RepeatSampler, unshard
-from pipelines.transforms import NOISE_MEAN, eval_intensity_label
+from pipelines.seeds import Stream, derive_seed
+from pipelines.transforms import NOISE_MEAN
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+#: checkpoint layout; a checkpoint of another version is refused rather than half-read
+CHECKPOINT_VERSION = 2
 
 
 def world() -> tuple[int, int]:
@@ -47,13 +50,18 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def loader_settings(settings) -> LoaderSettings:
+def loader_settings(config: RunConfig, backend: str, eval_transform: str | None = None) -> LoaderSettings:
     rank, world_size = world()
-    return LoaderSettings(backend=settings.loader, batch_size=settings.batch_size,
-                          num_workers=settings.num_workers, seed=settings.seed,
-                          train_subset=settings.train_subset, rank=rank, world_size=world_size,
-                          eval_gain=settings.eval_gain, eval_noise=settings.eval_noise,
-                          decoded_cache=settings.decoded_cache)
+    transform = eval_transform or config.eval_transform
+    return LoaderSettings(backend=backend, batch_size=config.batch_size, num_workers=config.num_workers,
+                          seed=config.seed, train_subset=config.train_subset, rank=rank, world_size=world_size,
+                          eval_gain=NOISE_MEAN if transform == "gain" else 1.0, decoded_cache=config.decoded_cache,
+                          image_size=config.image_size)
+
+
+def eval_augments(eval_transform: str) -> bool:
+    """Whether evaluation images go through the training Compose (the brief's reading)."""
+    return eval_transform == "brief"
 
 
 def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int,
@@ -72,36 +80,51 @@ def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int
     return probs, labels, loss
 
 
-def evaluate_all(model: torch.nn.Module, loader, device: torch.device, total: int, **opts: Any) -> dict:
-    probs, labels, loss = predict_all(model, loader, device, total, **opts)
-    return classification_metrics(labels, probs) | {"loss": loss}
+def seeded_predict(model, loader, device, total: int, seed: int, **opts) -> tuple[np.ndarray, np.ndarray, float]:
+    """``predict_all`` with torch's global generator seeded by ``seed`` for the pass and put back
+    afterwards: a loader without workers draws its augmentation from it, and training's own
+    stream (dropout) must not depend on how often the model was evaluated."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return predict_all(model, loader, device, total, **opts)
 
 
-def build_model(settings, device: torch.device) -> VGG16DWSep:
-    """VGG16DWSep with its first two convolutions from ImageNet VGG16 (or random with
-    --no-pretrained), frozen unless --train-first-convs."""
-    model = VGG16DWSep(num_classes=2)
-    if settings.pretrained:
-        load_vgg16_first_convs(model, imagenet_vgg16_state_dict(settings.vgg16_weights))
+def build_model(config: RunConfig, device: torch.device) -> VGG16DWSep:
+    """VGG16DWSep with its first two convolutions from ImageNet VGG16 (or random without the
+    weights), frozen unless ``train_first_convs``; initialised from the run's INIT stream."""
+    torch.manual_seed(derive_seed(config.seed, Stream.INIT))
+    model = VGG16DWSep(num_classes=2, input_size=config.image_size)
+    if config.pretrained:
+        load_vgg16_first_convs(model, imagenet_vgg16_state_dict(config.vgg16_weights))
     else:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
-    freeze_first_convs(model, frozen=not settings.train_first_convs)
-    if settings.train_first_convs:
-        logger.warning("--train-first-convs: the first two convolutions are trained, not frozen as in the brief")
+    freeze_first_convs(model, frozen=not config.train_first_convs)
+    if config.train_first_convs:
+        logger.warning("the first two convolutions are trained, not frozen as in the brief")
     return model.to(device, memory_format=torch.channels_last)
 
 
-def first_convs_note(settings) -> str:
+def first_convs_note(config: RunConfig) -> str:
     """What the first two convolutions are in this run, for modelo.h5 and metrics.json."""
-    state = "trained" if settings.train_first_convs else "frozen"
-    if settings.pretrained:
+    state = "trained" if config.train_first_convs else "frozen"
+    if config.pretrained:
         return f"ImageNet VGG16 features.0/features.2, {state}"
     return f"NONE: first two convolutions random (--no-pretrained), {state}"
 
 
+def class_weights_for(index: DatasetIndex, train_indices: np.ndarray) -> list[float]:
+    """Cross-entropy weights that make the training prior the test prior: for class c,
+    P_test(c) / P_train(c), normalised to mean 1 over the training images."""
+    train = np.bincount(np.asarray(index.train.targets)[train_indices], minlength=len(index.classes))
+    test = np.bincount(np.asarray(index.test.targets), minlength=len(index.classes))
+    ratio = (test / test.sum()) / (train / train.sum())
+    return (ratio / (ratio * train).sum() * train.sum()).tolist()
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """torch's generators (dropout draws from them); everything else is seeded explicitly."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,15 +132,13 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
 
 
 def versions() -> dict[str, str]:
@@ -133,23 +154,27 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.flush()
 
 
-def model_metadata(settings, index: DatasetIndex, best: dict, pretrained_note: str) -> dict:
-    from pipelines.transforms import get_toolchain
+def decision_rule(config: RunConfig, threshold: float) -> dict[str, Any]:
+    """What modelo.h5 stores of how the model decides: PNEUMONIA (class 1) when P >= threshold."""
+    return {"positive_class": 1, "threshold": threshold if config.decision == "threshold" else 0.5,
+            "rule": config.decision, "eval_transform": config.eval_transform}
 
-    chain = get_toolchain(eval_gain=settings.eval_gain, eval_noise=settings.eval_noise)
-    return {"settings": dataclasses.asdict(settings), "best": best, "pretrained": pretrained_note,
-            "train_transform": repr(chain.train), "eval_transform": repr(chain.eval),
+
+def model_metadata(config: RunConfig, index: DatasetIndex, best: dict, pretrained_note: str) -> dict:
+    return {"settings": config.asdict(), "best": best, "pretrained": pretrained_note,
+            "decision": decision_rule(config, best["threshold"]), "recipe": config.recipe,
+            "departures_from_brief": config.departures(),
             "data": {"root": str(index.root), "train": index.class_counts("train"),
                      "test": index.class_counts("test")},
             "versions": versions()}
 
 
 #: Settings a resumed run must share with its checkpoint: the split, the samplers' orders, the
-#: optimiser, the selection (validation transform, BatchNorm re-estimate) and where the best weights
-#: so far are; the number of torchrun processes is checked beside them. Others may change (--epochs to
-#: go further, --device, --tta, ...).
+#: optimiser, the selection and where the best weights so far are; the number of torchrun
+#: processes is checked beside them. Others may change (--epochs to go further, --device, --tta, ...).
 RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "weight_decay", "paciencia",
-                     "eval_gain", "eval_noise", "bn_recalibrate", "weights_out", "demo")
+                     "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision",
+                     "class_weights", "train_first_convs", "monitor")
 #: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream
 #: (seeded per worker) or its numerics are no longer those of one uninterrupted run.
 RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers")
@@ -161,12 +186,11 @@ def _same_setting(key: str, saved: Any, ours: Any) -> bool:
     return saved == ours
 
 
-def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path, saved_world_size: int | None = None,
+def check_resumed_settings(saved: dict, config: RunConfig, ckpt_path: Path, saved_world_size: int | None = None,
                            world_size: int = 1) -> None:
     """Refuse to resume with other settings than the checkpoint's, for those in ``RESUME_MUST_MATCH``
-    and the number of processes (it shards each epoch's order and seeds each rank; keys a checkpoint
-    predates are not checked); warn for those in ``RESUME_WARN``."""
-    ours = dataclasses.asdict(settings)
+    and the number of processes (it shards each epoch's order); warn for those in ``RESUME_WARN``."""
+    ours = config.asdict()
     saved = dict(saved)
     if saved_world_size is not None:
         saved["world_size"], ours["world_size"] = saved_world_size, world_size
@@ -184,21 +208,22 @@ def check_resumed_settings(saved: dict, settings: Any, ckpt_path: Path, saved_wo
                            "of one uninterrupted run", key, saved[key], ours[key])
 
 
-def load_checkpoint(ckpt_path: Path, settings: Any, world_size: int = 1) -> dict:
+def load_checkpoint(ckpt_path: Path, config: RunConfig, world_size: int = 1) -> dict:
     """The checkpoint of the run to resume, checked against this run's settings before anything
-    costly (indexing, decoding a cache, building the model) is done."""
+    costly (indexing, decoding a cache, building the model) is done. Loaded with
+    ``weights_only=True``: tensors and plain containers only, so a planted file cannot run code."""
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    # what the first convolutions are (the optimizer holds only the trainable ones), as saved; a
-    # checkpoint without the keys predates them: ImageNet weights asked for, frozen
-    saved = ckpt.get("settings", {})
-    theirs = {"pretrained": saved.get("pretrained", True), "train_first_convs": saved.get("train_first_convs", False)}
-    ours = {key: getattr(settings, key) for key in theirs}
-    if theirs != ours:
-        raise ValueError(f"--resume: {ckpt_path} was trained with {theirs}, this run asks for {ours} "
-                         "(--no-pretrained, --train-first-convs); give the same options or another --out")
-    check_resumed_settings(saved, settings, ckpt_path, ckpt.get("world_size"), world_size)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError/EOFError for a damaged file
+        raise ValueError(f"--resume: {ckpt_path} is not a checkpoint this version can load safely "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        found = ckpt.get("version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"--resume: {ckpt_path} has checkpoint version {found!r}, this code reads "
+                         f"{CHECKPOINT_VERSION}; start a new run with another --out")
+    check_resumed_settings(ckpt.get("settings", {}), config, ckpt_path, ckpt.get("world_size"), world_size)
     return ckpt
 
 
@@ -213,44 +238,10 @@ def restore(ckpt: dict, ckpt_path: Path, model: torch.nn.Module, optimizer: torc
     return ckpt["history"], ckpt["best"], ckpt["epoch"] + 1, bool(ckpt.get("stopped"))
 
 
-@dataclasses.dataclass
-class Run:
-    """What one training run carries from epoch to epoch."""
-
-    settings: Any
-    index: DatasetIndex
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    stopper: EarlyStopping
-    pretrained_note: str
-    world_size: int = 1
-    history: list[dict] = dataclasses.field(default_factory=list)
-    best: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.settings.out)
-
-    def record(self, row: dict, improved: bool, stop: bool) -> None:
-        """Main process only: log line, best weights, checkpoint, learning curves (all atomic)."""
-        append_jsonl(self.out / LOG, row)
-        start = time.perf_counter()
-        if improved:
-            save_modelo_h5(self.settings.weights_out, self.model, class_names=self.index.classes,
-                           metadata=model_metadata(self.settings, self.index, self.best, self.pretrained_note))
-        save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                        early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
-                        history=self.history, best=self.best, settings=dataclasses.asdict(self.settings),
-                        stopped=stop, world_size=self.world_size)
-        plot_learning_curves(self.history, self.out / "learning_curves.png")
-        logger.info("epoch %d: files written in %.1f s (%scheckpoint, curves)", row["epoch"],
-                    time.perf_counter() - start, "modelo.h5, " if improved else "")
-
-
-def warn_if_overwriting(settings: Any) -> None:
+def warn_if_overwriting(config: RunConfig) -> None:
     """A new run replaces --weights-out at its first epoch (the default, ./modelo.h5, is shared by
     every --out); say whose best weights are about to go, so they can be copied first."""
-    path = Path(settings.weights_out)
+    path = Path(config.weights_out)
     if not path.exists():
         return
     try:
@@ -263,8 +254,96 @@ def warn_if_overwriting(settings: Any) -> None:
                    path, whose)
 
 
-def train(settings, device: torch.device, resume: bool = False) -> dict:
-    """Train until early stopping or ``settings.epochs``; return the test metrics of the best weights.
+def sampler_order(sampler, epoch: int) -> np.ndarray:
+    """The index order ``sampler`` gives in ``epoch`` (it is left set to that epoch)."""
+    sampler.set_epoch(epoch)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    sampler.set_epoch(epoch)
+    return order
+
+
+@dataclasses.dataclass
+class Validation:
+    """Builds the validation loaders of a run and scores one epoch's model on them."""
+
+    config: RunConfig
+    index: DatasetIndex
+    samplers: Any
+    backend: str
+    device: torch.device
+    caches: dict
+    opts: dict
+
+    def __post_init__(self) -> None:
+        transforms = EVAL_TRANSFORMS if self.config.compare_eval else (self.config.eval_transform,)
+        self.loaders = {t: make_loader(self.index, "train", self.samplers.val, augment=eval_augments(t),
+                                       settings=loader_settings(self.config, self.backend, t), device=self.device,
+                                       caches=self.caches) for t in transforms}
+
+    def score(self, model: torch.nn.Module, epoch: int) -> tuple[dict, dict]:
+        """This run's validation metrics (loss, the decision's threshold chosen on these images, and
+        the metrics under it) and, with ``compare_eval``, every candidate's."""
+        candidates = {}
+        ours = None
+        for transform, loader in self.loaders.items():
+            loader.set_epoch(epoch)
+            probs, labels, loss = seeded_predict(model, loader, self.device, len(self.samplers.val),
+                                                 derive_seed(self.config.seed, Stream.EVAL, epoch), **self.opts)
+            threshold = choose_threshold(labels, probs[:, 1])
+            by_rule = {"argmax": classification_metrics(labels, probs),
+                       "threshold": classification_metrics(labels, probs, threshold=threshold)}
+            if transform == self.config.eval_transform:
+                ours = by_rule[self.config.decision] | {"loss": loss, "chosen_threshold": threshold}
+            if self.config.compare_eval:
+                groups = sampler_order(self.samplers.val, epoch)
+                crossed = cross_fitted_metrics(labels, probs, groups, seed=derive_seed(self.config.seed, Stream.EVAL))
+                candidates[transform] = {"loss": loss} | {
+                    rule: {k: m[k] for k in ("accuracy", "f1", "balanced_accuracy", "recall", "specificity")}
+                    for rule, m in (("argmax", by_rule["argmax"]), ("threshold_cross_fitted", crossed))}
+        assert ours is not None
+        return ours, candidates
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run carries from epoch to epoch."""
+
+    config: RunConfig
+    index: DatasetIndex
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stopper: EarlyStopping
+    pretrained_note: str
+    world_size: int = 1
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def record(self, row: dict, improved: bool, stop: bool) -> None:
+        """Main process only: log line, best weights, checkpoint, learning curves (all atomic)."""
+        append_jsonl(self.out / LOG, row)
+        start = time.perf_counter()
+        if improved:
+            save_modelo_h5(self.config.weights_out, self.model, class_names=self.index.classes,
+                           metadata=model_metadata(self.config, self.index, self.best, self.pretrained_note))
+        save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                        early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
+                        history=self.history, best=self.best, settings=self.config.asdict(),
+                        stopped=stop, world_size=self.world_size)
+        plot_learning_curves(self.history, self.out / "learning_curves.png")
+        logger.info("epoch %d: files written in %.1f s (%scheckpoint, curves)", row["epoch"],
+                    time.perf_counter() - start, "modelo.h5, " if improved else "")
+
+
+def monitored(config: RunConfig, metrics: dict) -> float:
+    return metrics["loss"] if config.monitor == "loss" else metrics["balanced_accuracy"]
+
+
+def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict:
+    """Train until early stopping or ``config.epochs``; return the test metrics of the best weights.
 
     Under torchrun every rank trains on its share of each epoch's order (DDP averages the
     gradients), validation predictions are gathered so all ranks stop together, and only rank 0
@@ -272,18 +351,30 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     """
     rank, world_size = world()
     main_process = rank == 0
-    Path(settings.out).mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(Path(settings.out) / CHECKPOINT, settings, world_size) if resume else None
-    index = index_dataset(settings.data_dir)
-    loaders = make_loaders(index, loader_settings(settings), device)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(Path(config.out) / CHECKPOINT, config, world_size) if resume else None
+    index = index_dataset(config.data_dir)
+    backend = resolve_backend(config.loader, device)
+    lsettings = loader_settings(config, backend)
+    samplers = make_samplers(index, config.seed, lsettings.val_fraction, config.train_subset)
+    caches: dict = {}
+    train_loader = make_loader(index, "train", samplers.train, augment=True, settings=lsettings, device=device,
+                               caches=caches)
+    opts = precision_options(device, config.amp)
+    validation = Validation(config, index, samplers, backend, device, caches, opts)
     logger.info("train %d images, validation %d (resampled to the test balance), test %d; %s loader on %s%s",
-                len(loaders.samplers.train_indices), len(loaders.samplers.val), len(index.test),
-                settings.loader, device, f", rank {rank} of {world_size}" if world_size > 1 else "")
-    model = build_model(settings, device)
-    run = Run(settings, index, model,
-              torch.optim.Adam(trainable_parameters(model), lr=settings.lr, weight_decay=settings.weight_decay),
-              EarlyStopping(modo="min", paciencia=settings.paciencia),
-              first_convs_note(settings), world_size)
+                len(samplers.train_indices), len(samplers.val), len(index.test), backend, device,
+                f", rank {rank} of {world_size}" if world_size > 1 else "")
+    logger.info("recipe %r: %s", config.recipe, ", ".join(f"{k}={v}" for k, v in config.levers().items()))
+    model = build_model(config, device)
+    run = Run(config, index, model,
+              torch.optim.Adam(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay),
+              EarlyStopping(modo="min" if config.monitor == "loss" else "max", paciencia=config.paciencia),
+              first_convs_note(config), world_size)
+    weights = class_weights_for(index, samplers.train_indices) if config.class_weights else None
+    if weights is not None:
+        logger.info("class weights (test prior / training prior): %s",
+                    ", ".join(f"{c} {w:.3f}" for c, w in zip(index.classes, weights)))
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
     start_epoch = 0
@@ -292,50 +383,40 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
                                                                run.stopper)
         del ckpt
         if stopped:
-            logger.info("that run had already stopped early: %s", run.stopper.reason)
-            start_epoch = settings.epochs
+            logger.info("that run had already stopped early")
+            start_epoch = config.epochs
     elif main_process:
-        warn_if_overwriting(settings)
+        warn_if_overwriting(config)
         if (run.out / LOG).exists():
             (run.out / LOG).unlink()
     net = model
     if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opts = precision_options(device, settings.amp)
     precision = precision_label(opts)
-    logger.info("precision: %s; evaluation images %s", precision,
-                eval_intensity_label(settings.eval_gain, settings.eval_noise))
-    if settings.eval_gain == 1 and not settings.eval_noise and not settings.bn_recalibrate and not settings.demo:
-        logger.warning("validation and test images get /255 only while the training noise makes training images "
-                       "%.2fx brighter on average; the BatchNorm statistics follow the training brightness, so "
-                       "--eval-gain %.2f usually selects and scores the model better (README, 'Train/test "
-                       "brightness')", NOISE_MEAN, NOISE_MEAN)
-    if settings.bn_recalibrate:
-        logger.info("BatchNorm statistics re-estimated before each validation over %d training images "
-                    "(--bn-recalibrate)", min(settings.bn_recalibrate, len(loaders.samplers.train_indices)))
-    for epoch in range(start_epoch, settings.epochs):
-        for loader in (loaders.train, loaders.val):
-            loader.set_epoch(epoch)
-        tr = train_one_epoch(net, loaders.train, run.optimizer, device, epoch=epoch, progress=main_process, **opts)
+    logger.info("precision: %s", precision)
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.set_epoch(epoch)
+        tr = train_one_epoch(net, train_loader, run.optimizer, device, epoch=epoch, progress=main_process,
+                             class_weights=weights, **opts)
         val_start = time.perf_counter()
-        if settings.bn_recalibrate:
-            recalibrate(model, index, settings, device, augment=False, caches=loaders.caches)
-        with torch.random.fork_rng(devices=[]):  # --eval-noise with 0 workers: leave training's stream alone
-            torch.manual_seed(settings.seed * 1_000_003 + epoch)
-            va = evaluate_all(model, loaders.val, device, len(loaders.samplers.val), **opts)
-        improved = run.stopper.mejor(va["loss"])
-        stop = run.stopper.deberia_parar(va["loss"])
+        va, candidates = validation.score(model, epoch)
+        value = monitored(config, va)
+        improved = run.stopper.improves(value)  # strictly better: only then are the best weights replaced
+        stop = run.stopper.deberia_parar(value)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"],
+               "val_balanced_accuracy": va["balanced_accuracy"], "val_threshold": va["chosen_threshold"],
                "seconds": tr["seconds"], "val_seconds": time.perf_counter() - val_start,
-               "train_images_per_s": tr["images_per_s"] * world_size,
-               "improved": improved}
+               "train_images_per_s": tr["images_per_s"] * world_size, "improved": improved}
+        if candidates:
+            row["candidates"] = candidates
         run.history.append(row)
         if improved:
-            run.best = {"epoch": epoch, "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"]}
-        logger.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | %.0f img/s%s",
+            run.best = {"epoch": epoch, "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"],
+                        "val_balanced_accuracy": va["balanced_accuracy"], "threshold": va["chosen_threshold"]}
+        logger.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f bal %.3f | %.0f img/s%s",
                     epoch, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"], va["f1"],
-                    row["train_images_per_s"], " *best*" if improved else "")
+                    va["balanced_accuracy"], row["train_images_per_s"], " *best*" if improved else "")
         if main_process:
             run.record(row, improved, stop)
         if world_size > 1:
@@ -344,16 +425,19 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
             logger.info("early stopping: %s", run.stopper.reason)
             break
     if not run.best:
-        raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {settings.weights_out}")
-    best_model, _meta = load_modelo_h5(settings.weights_out, device=device)
-    # the saved weights already carry the evaluation statistics (same images, transform and seed)
-    metrics = evaluate_test_set(best_model, index, settings, device, loaders.caches,
-                                recalibrated=bool(settings.bn_recalibrate))
+        raise ValueError(f"no epoch produced a finite validation {config.monitor}; nothing saved to "
+                         f"{config.weights_out}")
+    best_model, meta = load_modelo_h5(config.weights_out, device=device)
+    if config.skip_test:
+        logger.info("--skip-test: the test split is not scored")
+        return {"best": run.best, "test": None, "epochs_run": len(run.history), "weights": str(config.weights_out),
+                "recipe": config.recipe, "levers": config.levers(), "decision": meta["metadata"]["decision"]}
+    metrics = evaluate_test_set(best_model, index, config, backend, device, meta["metadata"]["decision"]["threshold"],
+                                caches)
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
-               "epochs_run": len(run.history), "weights": str(settings.weights_out),
-               "synthetic_data": settings.demo, "world_size": world_size, "precision": precision,
-               "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise,
-               "bn_recalibrate": settings.bn_recalibrate}
+               "epochs_run": len(run.history), "weights": str(config.weights_out),
+               "synthetic_data": config.demo, "world_size": world_size, "precision": precision,
+               "recipe": config.recipe, "levers": config.levers(), "decision": meta["metadata"]["decision"]}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -362,87 +446,83 @@ def train(settings, device: torch.device, resume: bool = False) -> dict:
     return summary
 
 
-def most_confident_copy(probs: np.ndarray, d: int) -> np.ndarray:
-    """N x C: for each image, the probabilities of the copy on which the network is most confident."""
-    grouped = probs.reshape(-1, d, probs.shape[1])
-    best = grouped.max(axis=2).argmax(axis=1)
-    return grouped[np.arange(len(grouped)), best]
+def with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, seed: int) -> dict:
+    metrics = classification_metrics(labels, probs, threshold=threshold)
+    return metrics | {"ci95": bootstrap_intervals(labels, probs, threshold, seed=seed)}
 
 
-def recalibration_indices(train_indices: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """The training images whose statistics ``--bn-recalibrate n`` uses: a seeded random subset of the
-    training split (all of it when n is larger), the same for every pass of a run."""
-    rng = np.random.default_rng(seed * 1_000_003 + 17)
-    return rng.permutation(np.asarray(train_indices))[: min(n, len(train_indices))]
-
-
-def recalibrate(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device, *, augment: bool,
-                caches: dict | None = None) -> int:
-    """``recalibrate_batchnorm`` over ``settings.bn_recalibrate`` training images under the evaluation
-    transform (``augment=False``) or the training augmentation, with its own seeded random stream."""
-    lsettings = loader_settings(settings)
-    samplers = make_samplers(index, settings.seed, lsettings.val_fraction, settings.train_subset)
-    indices = recalibration_indices(samplers.train_indices, settings.bn_recalibrate, settings.seed)
-    loader = make_loader(index, "train", indices.tolist(), augment=augment, settings=lsettings, device=device,
-                         caches=caches)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed * 1_000_003 + (2 if augment else 1))
-        return recalibrate_batchnorm(model, loader, device, **precision_options(device, settings.amp))
-
-
-def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, settings, device: torch.device,
-                      caches: dict | None = None, recalibrated: bool = False) -> dict:
-    """Metrics on the test set without TTA and, for each d in ``settings.tta``, with d augmented copies.
-
-    With ``settings.bn_recalibrate``, each pass first gets BatchNorm statistics of training images under
-    its own transform (the TTA passes on a copy of the model); ``recalibrated`` says the model already
-    carries the evaluation statistics, as the weights ``train`` saves do."""
-    lsettings = loader_settings(settings)
-    opts = precision_options(device, settings.amp)
+def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, config: RunConfig, backend: str,
+                      device: torch.device, threshold: float, caches: dict | None = None) -> dict:
+    """Test metrics under the decision rule (P(PNEUMONIA) >= ``threshold``) without TTA and, for each
+    d in ``config.tta``, over d augmented copies per image: the mean probability, and the copy on
+    which the network is most confident (the brief's rule), each thresholded. Every figure carries a
+    95 % bootstrap interval (``ci95``)."""
+    lsettings = loader_settings(config, backend)
+    opts = precision_options(device, config.amp)
     n = len(index.test)
     caches = {} if caches is None else caches
-    if settings.bn_recalibrate and not recalibrated:
-        recalibrate(model, index, settings, device, augment=False, caches=caches)
-    plain = make_loader(index, "test", range(n), augment=False, settings=lsettings, device=device, caches=caches)
-    torch.manual_seed(settings.seed)  # --eval-noise: the same draws every time (for a given --num-workers)
-    probs, labels, loss = predict_all(model, plain, device, n, **opts)
-    results = {"no_tta": classification_metrics(labels, probs) | {"loss": loss}}
-    tta_model = model
-    if settings.bn_recalibrate and settings.tta:
-        tta_model = copy.deepcopy(model)
-        recalibrate(tta_model, index, settings, device, augment=True, caches=caches)
-    for d in settings.tta:
-        torch.manual_seed(settings.seed + d)
-        loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True,
-                             settings=lsettings, device=device, caches=caches)
-        probs_d, labels_d, _ = predict_all(tta_model, loader, device, n * d, **opts)
+    plain = make_loader(index, "test", range(n), augment=eval_augments(config.eval_transform), settings=lsettings,
+                        device=device, caches=caches)
+    probs, labels, loss = seeded_predict(model, plain, device, n, derive_seed(config.seed, Stream.EVAL, 2**31),
+                                         **opts)
+    ci_seed = derive_seed(config.seed, Stream.EVAL, 2**32, bits=32)
+    results = {"no_tta": with_intervals(labels, probs, threshold, ci_seed) | {"loss": loss}}
+    for d in config.tta:
+        loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True, settings=lsettings,
+                             device=device, caches=caches)
+        probs_d, labels_d, _ = seeded_predict(model, loader, device, n * d, derive_seed(config.seed, Stream.TTA, d),
+                                              **opts)
         y = tta_labels(labels_d, d)
-        preds = tta_predict(probs_d, d)
-        results[f"tta{d}"] = {
-            "max_confidence": classification_metrics(y, most_confident_copy(probs_d, d)),
-            "mean_probability": classification_metrics(y, preds["mean_probs"]),
-        }
+        results[f"tta{d}"] = {rule: with_intervals(y, p, threshold, ci_seed)
+                              for rule, p in tta_probabilities(probs_d, d).items()}
     return results
 
 
-def evaluate_weights(settings, weights: str | Path, device: torch.device, eval_gain: float | None = None,
-                     eval_noise: bool | None = None, bn_recalibrate: int | None = None) -> dict:
-    """Test metrics of a modelo.h5.  What is not given comes from the model's own settings: with
-    neither, its evaluation images are scaled as it was trained with (its ``--eval-gain`` or
-    ``--eval-noise``); ``eval_noise=True`` alone means gain 1; ``eval_gain`` alone means no noise;
-    ``eval_noise=False`` alone keeps the model's gain. ``bn_recalibrate`` likewise defaults to the model's."""
+def evaluate_weights(config: RunConfig, weights: str | Path, device: torch.device) -> dict:
+    """Test metrics of a modelo.h5 under its own evaluation transform and decision rule."""
     model, meta = load_modelo_h5(weights, device=device)
-    trained = meta.get("metadata", {}).get("settings", {})
-    if eval_noise is None:
-        eval_noise = False if eval_gain is not None else bool(trained.get("eval_noise", False))
-    if eval_gain is None:
-        eval_gain = 1.0 if eval_noise else float(trained.get("eval_gain", 1.0))
-    if bn_recalibrate is None:
-        bn_recalibrate = int(trained.get("bn_recalibrate", 0))
-    settings = dataclasses.replace(settings, eval_gain=eval_gain, eval_noise=eval_noise, bn_recalibrate=bn_recalibrate)
-    index = index_dataset(settings.data_dir)
+    stored = meta.get("metadata", {})
+    decision = stored.get("decision")
+    if decision is None:
+        raise ValueError(f"{weights} stores no decision rule (written by an older version); train it again")
+    trained = stored.get("settings", {})
+    if int(meta["input_size"]) != config.image_size:
+        config = dataclasses.replace(config, image_size=int(meta["input_size"]))
+    config = dataclasses.replace(config, eval_transform=decision["eval_transform"], decision=decision["rule"],
+                                 seed=int(trained.get("seed", config.seed)))
+    index = index_dataset(config.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "
-                         f"but {settings.data_dir} has {index.classes}")
-    return {"weights": str(weights), "eval_gain": settings.eval_gain, "eval_noise": settings.eval_noise,
-            "bn_recalibrate": settings.bn_recalibrate, "test": evaluate_test_set(model, index, settings, device)}
+                         f"but {config.data_dir} has {index.classes}")
+    backend = resolve_backend(config.loader, device)
+    return {"weights": str(weights), "decision": decision,
+            "test": evaluate_test_set(model, index, config, backend, device, float(decision["threshold"]))}
+
+
+def start_distributed(device: torch.device) -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return True
+
+
+def run(config: RunConfig, resume: bool = False) -> dict | None:
+    """A whole training run as ``python train.py`` makes it: the device (this rank's GPU under
+    torchrun), the process group, training, test. Returns the summary on rank 0, None elsewhere."""
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        # every batch has the same shape, so cuDNN's autotuned kernels are reused; GPU runs are
+        # then not bit-reproducible (CPU runs are)
+        torch.backends.cudnn.benchmark = True
+    distributed = start_distributed(device)
+    try:
+        summary = train(config, device, resume=resume)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return summary if world()[0] == 0 and os.environ.get("RANK", "0") == "0" else None

@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from .data import DatasetIndex, with_transform
 from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
-from .shared_batches import PREFETCH_FACTOR, SharedBatchPool, SlotBatches, SlotWriter, keep_as_is, slots_for, unpack
+from .seeds import Stream, derive_seed
 from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_intensity, get_toolchain
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ("torchvision", "dali")
-RANK_SEED_STRIDE = 7919  # each DDP rank draws its own augmentation
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class LoaderSettings:
     eval_gain: float = 1.0
     eval_noise: bool = False
     decoded_cache: bool = False
+    image_size: int = SIZE
 
     def __post_init__(self) -> None:
         check_eval_intensity(self.eval_gain, self.eval_noise)
@@ -72,19 +72,22 @@ def stratified_subset(indices: np.ndarray, targets: np.ndarray, n: int, seed: in
 
 def make_samplers(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2,
                   train_subset: int | None = None) -> Samplers:
-    """The split and the three samplers; ``train_subset`` keeps N train and N/4 validation images."""
-    train_idx, val_idx = split_train_val(index.train.targets, val_fraction, seed)
+    """The split and the three samplers; ``train_subset`` keeps N train and N/4 validation images.
+    Each draws from its own stream of ``seed`` (``pipelines.seeds``)."""
+    split_seed = derive_seed(seed, Stream.SPLIT, bits=32)
+    train_idx, val_idx = split_train_val(index.train.targets, val_fraction, split_seed)
     targets = np.asarray(index.train.targets)
     if train_subset is not None:
         if train_subset > len(train_idx):
             logger.warning("--train-subset %d: the training split has %d images; all of them are used",
                            train_subset, len(train_idx))
-        train_idx = stratified_subset(train_idx, targets, train_subset, seed)
-        val_idx = stratified_subset(val_idx, targets, max(4, train_subset // 4), seed)
+        train_idx = stratified_subset(train_idx, targets, train_subset, split_seed)
+        val_idx = stratified_subset(val_idx, targets, max(4, train_subset // 4), split_seed)
     return Samplers(
         train_idx, val_idx,
-        train=SeededSubsetRandomSampler(train_idx, seed=seed),
-        val=ReplicarMuestreoDePrueba(index.test.targets, val_idx, targets[val_idx], seed=seed),
+        train=SeededSubsetRandomSampler(train_idx, seed=derive_seed(seed, Stream.TRAIN_ORDER)),
+        val=ReplicarMuestreoDePrueba(index.test.targets, val_idx, targets[val_idx],
+                                     seed=derive_seed(seed, Stream.VAL_ORDER)),
         test=SequentialSampler(range(len(index.test))),
     )
 
@@ -103,77 +106,34 @@ def disable_opencv_threads() -> None:
 class TorchvisionLoader:
     """A ``DataLoader`` over an ImageFolder and a sampler, delivering batches on ``device``.
 
-    With workers and a CPU device, they write each batch into reused shared memory
-    (``pipelines.shared_batches``) instead of a new segment per batch; ``shared_batches=False``
-    keeps DataLoader's own transport (the plain baseline of ``python -m pipelines.bench``).  Either
-    way every batch is the consumer's to keep.  For a CUDA device DataLoader's transport stays:
-    its pin-memory thread copies each batch to page-locked memory beside the training loop, so
-    the copy to the GPU is asynchronous, where a slot (pageable) would make the training thread
-    wait for a staged copy.  ``sample_shape`` is the shape of one image of the dataset.
+    For a CUDA device its pin-memory thread copies each batch to page-locked memory beside the
+    training loop, so the copy to the GPU is asynchronous.
     """
 
     def __init__(self, dataset, sampler: Sampler[int], *, batch_size: int = 16, num_workers: int = 2,
-                 device: torch.device | str = "cpu", seed: int = 0, shared_batches: bool = True,
-                 sample_shape: tuple[int, ...] = (3, SIZE, SIZE)) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.device = torch.device(device)
         self.sampler = sampler
         self.seed = seed
-        self.batch_size = batch_size
-        self.sample_shape = tuple(sample_shape)
         if num_workers > 0:
             disable_opencv_threads()
         self.generator = torch.Generator()
         self.set_epoch(0)
-        use_slots = shared_batches and num_workers > 0 and self.device.type == "cpu"
-        self.slots = slots_for(num_workers) if use_slots else 0
-        self.pool: SharedBatchPool | None = None  # made at the first iteration
-        if self.slots:
-            self.writer = SlotWriter(dataset)
-            self.batch_sampler = SlotBatches(BatchSampler(sampler, batch_size, drop_last=False))
-            self.dataloader = DataLoader(
-                self.writer, batch_sampler=self.batch_sampler, num_workers=num_workers,
-                collate_fn=keep_as_is, generator=self.generator, prefetch_factor=PREFETCH_FACTOR,
-                persistent_workers=False)
-        else:
-            self.dataloader = DataLoader(
-                dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                generator=self.generator, pin_memory=self.device.type == "cuda",
-                persistent_workers=False, drop_last=False)
+        self.dataloader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            generator=self.generator, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, drop_last=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (sampler order and worker seeds)."""
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.generator.manual_seed(derive_seed(self.seed, epoch))
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        for images, labels in self._batches():
+        for images, labels in self.dataloader:
             yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
-
-    def _batches(self) -> Iterator[Batch]:
-        if not self.slots:
-            yield from self.dataloader
-            return
-        # One pool for the loader's lifetime, in place before each epoch's workers fork
-        # (allocating it costs about 14 ms per 38 MB slot: not once per epoch).
-        if self.pool is None:
-            self.pool = SharedBatchPool(self.slots, self.batch_size, self.sample_shape)
-            self.writer.buffers, self.batch_sampler.pool = self.pool.buffers, self.pool
-        in_flight: set[int] = set()  # slots handed to this iterator's workers, not yet delivered
-        self.batch_sampler.in_flight = in_flight
-        iterator = iter(self.dataloader)
-        self.batch_sampler.in_flight = None
-        try:
-            for reply in iterator:
-                yield unpack(reply, self.pool, in_flight)
-        finally:  # normal end, break, or a worker's error: once no worker can still write, free the rest
-            shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's, private; absent = keep them
-            if shutdown is not None and in_flight:
-                shutdown()
-                for slot in in_flight:
-                    self.pool.release(slot)
-                in_flight.clear()
 
     def __len__(self) -> int:
         return len(self.dataloader)
@@ -197,7 +157,8 @@ def split_cache(index: DatasetIndex, split: str, settings: LoaderSettings, cache
 
     if split not in caches:
         files = [path for path, _ in getattr(index, split).samples]
-        caches[split] = DecodedCache(files, num_threads=max(1, settings.num_workers)).fill(progress=True)
+        caches[split] = DecodedCache(files, size=settings.image_size,
+                                     num_threads=max(1, settings.num_workers)).fill(progress=True)
     return caches[split]
 
 
@@ -207,9 +168,40 @@ def cached_view(cache, targets, augment: bool, settings: LoaderSettings):
 
     from .decoded_cache import CachedImageDataset
 
-    chain = get_toolchain("cv2", settings.eval_gain, settings.eval_noise)
+    chain = get_toolchain("cv2", settings.eval_gain, settings.eval_noise, settings.image_size)
     steps = (chain.train if augment else chain.eval).transforms[1:]  # [0] is the resize
     return CachedImageDataset(cache, targets, Compose(steps))
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI imports here."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The loader back end for ``name``: ``auto`` = DALI on CUDA when it imports, else torchvision
+    (logged once); ``dali`` where DALI is missing is a ValueError that says how to install it."""
+    device = torch.device(device)
+    if name == "auto":
+        backend = "dali" if device.type == "cuda" and dali_available() else "torchvision"
+        logger.info("--loader auto: %s (%s%s)", backend, "CUDA" if device.type == "cuda" else "no CUDA",
+                    "" if device.type != "cuda" else (", DALI found" if backend == "dali" else ", DALI not installed"))
+        return backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown loader {name!r}; choose auto or one of {list(BACKENDS)}")
+    if name == "dali" and not dali_available():
+        raise ValueError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120==2.4.0 "
+                         "(or the project's extra: pip install -e '.[dali]')")
+    return name
+
+
+def loader_seed(settings: LoaderSettings) -> int:
+    """The seed of a loader's augmentation stream: its own for each DDP rank."""
+    return derive_seed(settings.seed, Stream.LOADER, settings.rank, bits=31)
 
 
 def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augment: bool,
@@ -230,18 +222,18 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
         device = torch.device(device)
         files = [path for path, _ in dataset.samples]
         return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
-                          augment=augment, seed=settings.seed + RANK_SEED_STRIDE * settings.rank,
+                          augment=augment, seed=loader_seed(settings),
                           eval_gain=settings.eval_gain, eval_noise=settings.eval_noise, cache=cache,
                           device_id=(device.index or 0) if device.type == "cuda" else None,
-                          num_threads=max(1, settings.num_workers))
+                          num_threads=max(1, settings.num_workers), size=settings.image_size)
     if cache is not None:
         view = cached_view(cache, dataset.targets, augment, settings)
     else:
-        chain = get_toolchain(settings.toolchain, settings.eval_gain, settings.eval_noise)
+        chain = get_toolchain(settings.toolchain, settings.eval_gain, settings.eval_noise, settings.image_size)
         view = with_transform(dataset, chain.train if augment else chain.eval)
         view.loader = chain.loader
     return TorchvisionLoader(view, sampler, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                             device=device, seed=settings.seed + RANK_SEED_STRIDE * settings.rank)
+                             device=device, seed=loader_seed(settings))
 
 
 def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),

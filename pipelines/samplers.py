@@ -8,6 +8,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Sampler
 
+from .seeds import derive_seed
+
 
 def split_train_val(targets: Sequence[int], val_fraction: float = 0.2,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +99,8 @@ class RepeatSampler(Sampler[int]):
 class SeededSubsetRandomSampler(Sampler[int]):
     """``SubsetRandomSampler`` whose epoch ``e`` order depends only on ``(seed, e)``.
 
-    Same order as ``torch.utils.data.SubsetRandomSampler`` with a generator seeded that way,
+    Same order as ``torch.utils.data.SubsetRandomSampler`` with a generator seeded by
+    ``derive_seed(seed, e)``,
     but resumable: ``set_epoch`` restores the order of any epoch without replaying the others.
     """
 
@@ -110,7 +113,7 @@ class SeededSubsetRandomSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         self.epoch += 1
         sampler = torch.utils.data.SubsetRandomSampler(self.indices.tolist(), generator=g)
         return iter(list(sampler))

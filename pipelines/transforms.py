@@ -10,10 +10,12 @@ The brief's training transform, in this order:
 
 The evaluation transform is steps 1 and 2.  Each toolchain is a decoder (``pipelines.imageio``)
 plus a ``torchvision.transforms.Compose`` of these steps written with one library; all end in a
-float32 3 x 224 x 224 tensor.  Randomness comes from torch's generator, which ``DataLoader``
-seeds per worker from its own seeded generator, so a seed fixes the whole run.
-Resizing is bilinear with antialiasing in the PIL and scikit-image chains and area averaging
-(``cv2.INTER_AREA``) in the cv2 chain; rotation is bilinear everywhere, and a positive angle
+float32 3 x 224 x 224 tensor.  Two are kept: ``cv2`` (the default, what training uses) and
+``plain`` (PIL + torchvision as listed, the reference it is measured against; the chains it won
+over live in ``benchmarks.toolchains``).  Randomness comes from torch's generator, which
+``DataLoader`` seeds per worker from its own seeded generator, so a seed fixes the whole run.
+Resizing is bilinear with antialiasing in the plain chain and area averaging
+(``cv2.INTER_AREA``) in the cv2 chain; rotation is bilinear in both, and a positive angle
 turns the image counter-clockwise, as in ``torchvision.transforms.functional.rotate``.
 """
 from __future__ import annotations
@@ -24,10 +26,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from . import imageio
 
@@ -65,40 +65,6 @@ class MultiplicativeNoise(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"low={self.low}, high={self.high}"
-
-
-# --- PIL + torch steps --------------------------------------------------------------------
-
-class PilResize:
-    """Resize a PIL image to size x size with antialiased bilinear filtering (no-op when already there)."""
-
-    def __init__(self, size: int = SIZE) -> None:
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if img.size == (self.size, self.size):
-            return img
-        return img.resize((self.size, self.size), Image.BILINEAR)
-
-
-class PilToFloat01:
-    """PIL RGB image -> float32 3 x H x W tensor in [0, 1] (x / 255)."""
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
-        return arr.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-
-
-class TensorRandomFlip:
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(-1) if draw_flip() else x
-
-
-class TensorRandomRotate:
-    """Rotation about the centre, bilinear, zeros outside (grid_sample's zero padding)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rotate(x, draw_angle(), interpolation=InterpolationMode.BILINEAR, fill=None)
 
 
 # --- OpenCV (numpy H x W x 3) steps ----------------------------------------------------------
@@ -212,26 +178,6 @@ class HwcNoiseToTensor:
         return torch.from_numpy(out)
 
 
-# --- scikit-image steps ----------------------------------------------------------------------
-
-class SkResize:
-    def __init__(self, size: int = SIZE) -> None:
-        self.size = size
-
-    def __call__(self, arr: np.ndarray) -> np.ndarray:
-        from skimage.transform import resize
-
-        return resize(arr, (self.size, self.size), order=1, anti_aliasing=True,
-                      preserve_range=True).astype(np.float32)
-
-
-class SkRandomRotate:
-    def __call__(self, arr: np.ndarray) -> np.ndarray:
-        from skimage.transform import rotate
-
-        return rotate(arr, draw_angle(), order=1, mode="constant", cval=0.0).astype(np.float32)
-
-
 # --- toolchains ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -245,8 +191,8 @@ class Toolchain:
     eval: T.Compose
 
 
-def _plain() -> Toolchain:
-    resize = T.Resize((SIZE, SIZE))
+def _plain(size: int = SIZE) -> Toolchain:
+    resize = T.Resize((size, size))
     return Toolchain(
         "plain", "PIL full decode + torchvision transforms as listed (baseline)", imageio.load_pil,
         T.Compose([resize, T.ToTensor(), T.RandomHorizontalFlip(FLIP_P),
@@ -255,40 +201,21 @@ def _plain() -> Toolchain:
         T.Compose([resize, T.ToTensor()]))
 
 
-def _pil_torch(loader: Callable[[str], object], name: str, description: str) -> Toolchain:
-    return Toolchain(
-        name, description, loader,
-        T.Compose([PilResize(), PilToFloat01(), TensorRandomFlip(), TensorRandomRotate(),
-                   MultiplicativeNoise()]),
-        T.Compose([PilResize(), PilToFloat01()]))
-
-
-def _cv2() -> Toolchain:
+def _cv2(size: int = SIZE) -> Toolchain:
     return Toolchain(
         "cv2", "OpenCV IMREAD_REDUCED decode + cv2 resize/warpAffine, numpy noise seeded from torch",
         imageio.load_cv2_reduced,
-        T.Compose([CvResize(), CvToFloat01(), CvRandomFlip(), CvRandomRotate(),
+        T.Compose([CvResize(size), CvToFloat01(), CvRandomFlip(), CvRandomRotate(),
                    HwcNoiseToTensor()]),
-        T.Compose([CvResize(), CvToFloat01(), HwcToTensor()]))
+        T.Compose([CvResize(size), CvToFloat01(), HwcToTensor()]))
 
 
-def _skimage() -> Toolchain:
-    return Toolchain(
-        "skimage", "scikit-image decode, resize and rotate, numpy noise seeded from torch", imageio.load_skimage,
-        T.Compose([SkResize(), CvToFloat01(), CvRandomFlip(), SkRandomRotate(), HwcNoiseToTensor()]),
-        T.Compose([SkResize(), CvToFloat01(), HwcToTensor()]))
-
-
-TOOLCHAINS: dict[str, Callable[[], Toolchain]] = {
+TOOLCHAINS: dict[str, Callable[[int], Toolchain]] = {
     "plain": _plain,
-    "pil": lambda: _pil_torch(imageio.load_pil, "pil", "PIL full decode + our PIL/torch steps"),
-    "pil_draft": lambda: _pil_torch(imageio.load_pil_draft, "pil_draft",
-                                    "PIL decode with JPEG draft downscaling + our PIL/torch steps"),
     "cv2": _cv2,
-    "skimage": _skimage,
 }
 
-#: Chosen by ``python -m pipelines.bench`` (see README, "The transform, and how its tools were chosen").
+#: Chosen by ``python -m benchmarks`` (see README, "The transform, and how its tools were chosen").
 DEFAULT_TOOLCHAIN = "cv2"
 
 
@@ -327,8 +254,9 @@ def check_eval_intensity(eval_gain: float, eval_noise: bool) -> None:
                          f"with eval_noise); the noise's mean already is {NOISE_MEAN:g}")
 
 
-def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, eval_noise: bool = False) -> Toolchain:
-    """The named toolchain, its evaluation transform followed by ``Gain(eval_gain)`` when
+def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, eval_noise: bool = False,
+                  size: int = SIZE) -> Toolchain:
+    """The named toolchain at ``size`` x ``size``, its evaluation transform followed by ``Gain(eval_gain)`` when
     ``eval_gain != 1`` or by the training noise (step 5) when ``eval_noise``.
 
     The brief's evaluation transform is resize and /255 only, but its training noise multiplies
@@ -340,7 +268,7 @@ def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, eval_no
     if name not in TOOLCHAINS:
         raise ValueError(f"unknown toolchain {name!r}; choose one of {sorted(TOOLCHAINS)}")
     check_eval_intensity(eval_gain, eval_noise)
-    chain = TOOLCHAINS[name]()
+    chain = TOOLCHAINS[name](size)
     if eval_noise:
         return dataclasses.replace(chain, eval=T.Compose([*chain.eval.transforms, MultiplicativeNoise()]))
     if eval_gain == 1.0:

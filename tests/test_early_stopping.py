@@ -204,3 +204,13 @@ def test_load_state_dict_rejects_bad_state(change: dict) -> None:
     del incomplete["counter"]
     with pytest.raises(ValueError, match="counter"):
         EarlyStopping().load_state_dict(incomplete)
+
+
+def test_improves_is_strict_where_mejor_accepts_a_tie_within_tol():
+    stopper = EarlyStopping(modo="min", paciencia=2, tol=0.1)
+    assert stopper.improves(1.0) and not stopper.deberia_parar(1.0)
+    assert stopper.mejor(1.05) and not stopper.improves(1.05)  # within tol: patience reset, weights kept
+    assert not stopper.improves(1.0) and stopper.improves(0.99)
+    assert not stopper.improves(float("nan"))
+    up = EarlyStopping(modo="max")
+    assert up.improves(0.5) and not up.deberia_parar(0.5) and up.improves(0.51) and not up.improves(0.5)

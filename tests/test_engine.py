@@ -17,15 +17,17 @@ from models.engine import (
     TRAIN_KEYS,
     best_epoch,
     classification_metrics,
-    evaluate,
+    bootstrap_intervals,
+    choose_threshold,
+    cross_fitted_metrics,
+    decide,
     loss_check_interval,
     plot_confusion_matrix,
     plot_learning_curves,
     predict,
-    recalibrate_batchnorm,
     train_one_epoch,
     tta_labels,
-    tta_predict,
+    tta_probabilities,
 )
 
 CPU = torch.device("cpu")
@@ -187,12 +189,6 @@ def test_predict_under_bfloat16_autocast_returns_float64_probabilities() -> None
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_evaluate_adds_the_loss_to_the_metrics() -> None:
-    result = evaluate(tiny_net(), bright_pneumonia_batches(), CPU)
-    assert set(result) == {*METRIC_KEYS, "loss"}
-    assert result["n"] == BATCHES * BATCH_SIZE
-
-
 LABELS = [0, 0, 0, 1, 1, 1, 1, 1]
 P_PNEUMONIA = np.array([0.1, 0.3, 0.7, 0.4, 0.6, 0.8, 0.9, 0.95])  # TN TN FP FN TP TP TP TP
 PROBS = np.stack([1 - P_PNEUMONIA, P_PNEUMONIA], axis=1)
@@ -231,15 +227,18 @@ def test_tta_votes_disagree_where_the_rules_differ() -> None:
         [0.95, 0.05], [0.20, 0.80], [0.30, 0.70],  # surest copy says 0; mean (0.483, 0.517) says 1
         [0.10, 0.90], [0.70, 0.30], [0.80, 0.20],  # surest copy says 1; mean (0.533, 0.467) says 0
     ])
-    votes = tta_predict(probs, d=3)
-    np.testing.assert_array_equal(votes["max_confidence"], [0, 1])
-    np.testing.assert_array_equal(votes["mean_probability"], [1, 0])
-    np.testing.assert_allclose(votes["mean_probs"], [[1.45 / 3, 1.55 / 3], [1.6 / 3, 1.4 / 3]])
+    votes = tta_probabilities(probs, d=3)
+    np.testing.assert_array_equal(decide(votes["max_confidence"]), [0, 1])
+    np.testing.assert_array_equal(decide(votes["mean_probability"]), [1, 0])
+    np.testing.assert_allclose(votes["mean_probability"], [[1.45 / 3, 1.55 / 3], [1.6 / 3, 1.4 / 3]])
+    np.testing.assert_allclose(votes["max_confidence"], [[0.95, 0.05], [0.10, 0.90]])
+    # a threshold decides both rules' probabilities the same way as a plain prediction's
+    np.testing.assert_array_equal(decide(votes["mean_probability"], threshold=0.6), [0, 0])
 
 
 def test_tta_rejects_rows_not_a_multiple_of_d() -> None:
     with pytest.raises(ValueError, match="multiple of d=3"):
-        tta_predict(np.full((4, 2), 0.5), d=3)
+        tta_probabilities(np.full((4, 2), 0.5), d=3)
 
 
 def test_tta_labels_return_one_label_per_group_and_reject_mixed_groups() -> None:
@@ -290,30 +289,53 @@ def test_confusion_matrix_checks_the_class_names(tmp_path) -> None:
         plot_confusion_matrix([[2, 1], [0, 3]], ["NORMAL"], tmp_path / "cm.png")
 
 
-def bn_net() -> nn.Module:
-    """x -> BatchNorm2d(2) -> mean: the BatchNorm sees the images themselves."""
-    return nn.Sequential(nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+def test_a_threshold_moves_the_decision_and_the_metrics_record_it() -> None:
+    metrics = classification_metrics(LABELS, PROBS, threshold=0.65)  # the 0.7 NORMAL and 0.6 PNEUMONIA flip
+    assert metrics["confusion_matrix"] == [[2, 1], [2, 3]] and metrics["threshold"] == 0.65
+    assert metrics["balanced_accuracy"] == pytest.approx((3 / 5 + 2 / 3) / 2)
+    assert classification_metrics(LABELS, PROBS)["threshold"] is None
+    with pytest.raises(ValueError, match="N x 2"):
+        decide(np.full((2, 3), 1 / 3), threshold=0.5)
 
 
-def test_recalibrated_batchnorm_statistics_are_the_average_batch_statistics() -> None:
-    torch.manual_seed(0)
-    batches = [(torch.randn(4, 2, 3, 3) * s + m, torch.zeros(4, dtype=torch.long))
-               for s, m in ((1.0, 0.0), (2.0, 5.0), (0.5, -1.0))]
-    net = bn_net().eval()
-    bn = net[0]
-    bn.running_mean.fill_(100.0)
-    assert recalibrate_batchnorm(net, batches, torch.device("cpu")) == 12
-    means = torch.stack([x.mean(dim=(0, 2, 3)) for x, _ in batches])
-    variances = torch.stack([x.transpose(0, 1).reshape(2, -1).var(dim=1, unbiased=True) for x, _ in batches])
-    torch.testing.assert_close(bn.running_mean, means.mean(dim=0))  # every batch counts, not the last few
-    torch.testing.assert_close(bn.running_var, variances.mean(dim=0))
-    assert bn.momentum == 0.1 and not net.training  # momentum and mode put back
+def test_chosen_threshold_maximises_accuracy_and_prefers_the_one_nearest_a_half() -> None:
+    t = choose_threshold(LABELS, P_PNEUMONIA)
+    accuracy = classification_metrics(LABELS, PROBS, threshold=t)["accuracy"]
+    for other in np.linspace(0, 1, 201):  # no threshold does better
+        assert classification_metrics(LABELS, PROBS, threshold=other)["accuracy"] <= accuracy + 1e-12
+    assert t == pytest.approx(0.35) and accuracy == 7 / 8  # between 0.3 (NORMAL) and 0.4 (PNEUMONIA)
+    flat = np.array([0.1, 0.2, 0.3, 0.8, 0.85, 0.9, 0.95, 0.97])  # every t in (0.3, 0.8) separates them
+    assert choose_threshold(LABELS, flat) == 0.5
+    # a model whose scores are all shifted up: the threshold follows them
+    shifted = np.array([0.60, 0.62, 0.64, 0.70, 0.72, 0.74, 0.76, 0.78])
+    assert choose_threshold(LABELS, shifted) == pytest.approx(0.67)
+    assert classification_metrics(LABELS, np.stack([1 - shifted, shifted], 1), threshold=0.67)["accuracy"] == 1.0
 
 
-def test_recalibration_refuses_an_empty_loader_and_leaves_batchnorm_free_models_alone() -> None:
-    with pytest.raises(ValueError, match="no images"):
-        recalibrate_batchnorm(bn_net(), [], torch.device("cpu"))
-    assert recalibrate_batchnorm(nn.Linear(2, 2), [(torch.zeros(1, 2), torch.zeros(1))], torch.device("cpu")) == 0
+def test_cross_fitted_metrics_never_decide_an_image_with_a_threshold_fitted_on_it() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    p = rng.uniform(size=400)  # no signal: an in-sample threshold looks better than chance, a crossed one does not
+    probs = np.stack([1 - p, p], 1)
+    in_sample = classification_metrics(labels, probs, threshold=choose_threshold(labels, p))["accuracy"]
+    crossed = cross_fitted_metrics(labels, probs, groups=np.arange(400))["accuracy"]
+    assert crossed < in_sample and abs(crossed - 0.5) < 0.08
+    groups = np.repeat(np.arange(100), 4)  # replicated images are kept in one half
+    assert cross_fitted_metrics(labels, probs, groups)["threshold"] == "cross-fitted"
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_images() -> None:
+    rng = np.random.default_rng(1)
+
+    def width(n: int) -> float:
+        labels = rng.integers(0, 2, n)
+        p = np.clip(labels * 0.6 + rng.uniform(-0.3, 0.5, n), 0, 1)
+        probs = np.stack([1 - p, p], 1)
+        lo, hi = bootstrap_intervals(labels, probs, 0.5, seed=0)["accuracy"]
+        assert lo <= classification_metrics(labels, probs, threshold=0.5)["accuracy"] <= hi
+        return hi - lo
+
+    assert width(2000) < width(100) / 2
 
 
 def test_resolve_device_chooses_once_and_says_when_cuda_is_missing(monkeypatch):

@@ -1,0 +1,106 @@
+"""The settings of a training run: one frozen dataclass, saved in the checkpoint and in modelo.h5.
+
+``train.py`` only parses arguments into a ``RunConfig``; the notebook builds one directly.
+A recipe (``RECIPES``) names the values of the levers that change what the brief wrote:
+``brief`` is the brief's method with nothing added, ``default`` the one chosen on validation
+(RESULTS.md, "Choosing the default recipe").  Any lever given explicitly overrides its recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+#: How validation and test images are transformed: ``brief`` = the training Compose (flip,
+#: rotation, noise), seeded, as the brief gives one Compose to train/ and test/ alike;
+#: ``gain`` = /255 then x1.35, the mean of the training noise; ``plain`` = /255 only.
+EVAL_TRANSFORMS = ("brief", "gain", "plain")
+#: How a probability becomes a class: ``argmax``, or ``threshold`` = PNEUMONIA when
+#: P(PNEUMONIA) >= t, t chosen on the validation set replicated to the test's class balance.
+DECISIONS = ("argmax", "threshold")
+#: What selects the best epoch and drives early stopping.
+MONITORS = ("loss", "balanced_accuracy")
+LOADERS = ("auto", "torchvision", "dali")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "brief": {"eval_transform": "brief", "decision": "argmax", "class_weights": False,
+              "train_first_convs": False, "monitor": "loss"},
+    "default": {"eval_transform": "brief", "decision": "threshold", "class_weights": False,
+                "train_first_convs": False, "monitor": "loss"},
+}
+LEVERS = tuple(RECIPES["brief"])
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run."""
+
+    data_dir: str | None = None
+    out: str = "out"
+    weights_out: str = "modelo.h5"
+    recipe: str = "default"
+    loader: str = "auto"
+    device: str = "auto"
+    epochs: int = 30
+    batch_size: int = 16
+    num_workers: int = 2
+    seed: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    paciencia: int = 5
+    pretrained: bool = True
+    vgg16_weights: str | None = None
+    train_subset: int | None = None
+    image_size: int = 224
+    tta: tuple[int, ...] = (4, 8)
+    amp: bool = True
+    demo: bool = False
+    decoded_cache: bool = False
+    compare_eval: bool = False
+    skip_test: bool = False
+    # the levers; None = the recipe's value (resolved in __post_init__)
+    eval_transform: str | None = None
+    decision: str | None = None
+    class_weights: bool | None = None
+    train_first_convs: bool | None = None
+    monitor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe {self.recipe!r}: choose one of {sorted(RECIPES)}")
+        for lever, value in RECIPES[self.recipe].items():
+            if getattr(self, lever) is None:
+                object.__setattr__(self, lever, value)
+        object.__setattr__(self, "tta", tuple(self.tta))
+        for name in ("epochs", "batch_size", "paciencia"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if any(d < 1 for d in self.tta):
+            raise ValueError(f"--tta values must be >= 1, got {list(self.tta)}")
+        if self.train_subset is not None and self.train_subset < 8:
+            raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"--image-size must be a multiple of 32 (five 2x2 poolings), >= 32, got {self.image_size}")
+        for name, allowed in (("loader", LOADERS), ("eval_transform", EVAL_TRANSFORMS), ("decision", DECISIONS),
+                              ("monitor", MONITORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {list(allowed)}")
+
+    def levers(self) -> dict[str, Any]:
+        """The lever values of this run (after the recipe was applied)."""
+        return {lever: getattr(self, lever) for lever in LEVERS}
+
+    def departures(self) -> dict[str, Any]:
+        """The levers on which this run departs from the brief's method."""
+        return {k: v for k, v in self.levers().items() if RECIPES["brief"][k] != v}
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

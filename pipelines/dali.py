@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import nvidia.dali.experimental.dynamic as ndd
 import numpy as np
@@ -47,9 +47,6 @@ from nvidia.dali.tensors import TensorListCPU
 
 from .imageio import jpeg_header
 from .transforms import check_eval_intensity, uniform_float32
-
-if TYPE_CHECKING:
-    from .decoded_cache import DecodedCache
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +64,17 @@ class IndexSampler(Protocol):
     def __iter__(self) -> Iterator[int]: ...
 
     def __len__(self) -> int: ...
+
+
+class ImageCache(Protocol):
+    """What the loader needs of a cache of decoded, resized images (`pipelines.decoded_cache.DecodedCache`,
+    which imports this module, so it is described here rather than imported): its files, its image size
+    and the uint8 size x size x C images of given indices."""
+
+    files: list[str]
+    size: int
+
+    def images(self, indices: Sequence[int] | np.ndarray) -> list[np.ndarray]: ...
 
 
 class ImageDecodeError(ValueError):
@@ -416,7 +424,7 @@ class _LoaderFeed:
     """The loader's external source outputs for a batch of indices: the encoded files and
     their grayscale flags, or the cached images; then the noise when `noise_rng` is set."""
 
-    def __init__(self, files: Sequence[str], cache: DecodedCache | None,
+    def __init__(self, files: Sequence[str], cache: ImageCache | None,
                  noise_rng: np.random.Generator | None, size: int) -> None:
         self.files, self.cache, self.noise_rng, self.size = files, cache, noise_rng, size
 
@@ -466,7 +474,7 @@ class DaliLoader:
         device_id: int | None = None,
         num_threads: int = 2,
         size: int = 224,
-        cache: DecodedCache | None = None,
+        cache: ImageCache | None = None,
         eval_gain: float = 1.0,
         eval_noise: bool = False,
         read_ahead: int = READ_AHEAD,

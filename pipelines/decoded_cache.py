@@ -18,21 +18,17 @@ training images take 262 MB, where three planes each would take 785 MB.
     cache = DecodedCache(files).fill(progress=True)
     loader = DaliLoader(files, labels, sampler, augment=True, cache=cache)
 
-`bench_cached_loaders` compares DALI on the CPU with and without the cache and our
-torchvision chain over the same cache; `python -m pipelines.decoded_cache` prints it.
+`python -m benchmarks --sections loaders` times DALI on the CPU with and without the cache
+and our torchvision chain over the same cache (`benchmarks.loaders.bench_cached_loaders`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import time
 from collections.abc import Sequence
 from contextlib import closing
 from functools import partial
 from os import PathLike
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,82 +165,3 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.cache.rgb(i)), self.labels[i]
-
-
-def cached_train_transform() -> Compose:
-    """Our OpenCV training chain (`pipelines.transforms`, toolchain cv2) after the resize."""
-    from .transforms import CvRandomFlip, CvRandomRotate, CvToFloat01, HwcNoiseToTensor
-
-    return Compose([CvToFloat01(), CvRandomFlip(), CvRandomRotate(), HwcNoiseToTensor()])
-
-
-def data_name(files: Sequence[str]) -> str:
-    """The data set's name for a benchmark row: the folder holding all the files."""
-    return Path(os.path.commonpath([os.path.dirname(f) for f in files])).name
-
-
-def bench_cached_loaders(files: list[str], batch_sizes: list[int], repeats: int,
-                         workers: int, include_uncached: bool = True) -> list[dict]:
-    """Images per second, training augmentation, `files` repeated `repeats` times in order:
-    DALI on the CPU uncached and cached, and our torchvision chain over the same cache
-    (`workers` DALI threads, at least 1, or DataLoader workers). The cache is filled once,
-    beforehand, with as many DALI threads; its fill rate is the first row ("cache fill").
-    ``include_uncached=False`` leaves out uncached DALI CPU (for callers that measured it already)."""
-    from .bench import loader_images_per_s, repeated_sampler
-    from .dali import DaliLoader
-    from .loaders import TorchvisionLoader
-
-    order = repeated_sampler(len(files), repeats)
-    labels = [0] * len(files)
-    name = data_name(files)
-    threads = max(1, workers)
-    cache = DecodedCache(files, num_threads=threads)
-    start = time.perf_counter()
-    cache.fill()
-    fill_s = time.perf_counter() - start
-    megabytes = cache.nbytes / 1e6
-    logger.info("cache of %d images filled in %.1f s, %.1f MB", len(cache), fill_s, megabytes)
-    rows = [{"data": name, "loader": f"cache fill ({megabytes:.0f} MB)", "batch": cache.batch_size,
-             "workers": threads, "images": len(files), "images_per_s": len(files) / fill_s}]
-    dataset = CachedImageDataset(cache, labels, cached_train_transform())
-    factories = {
-        "DALI CPU": lambda b: DaliLoader(files, labels, order, batch_size=b, augment=True,
-                                         num_threads=threads),
-        "DALI CPU cached": lambda b: DaliLoader(files, labels, order, batch_size=b, augment=True,
-                                                num_threads=threads, cache=cache),
-        "torchvision ours (cv2) cached": lambda b: TorchvisionLoader(
-            dataset, order, batch_size=b, num_workers=workers),
-    }
-    if not include_uncached:
-        del factories["DALI CPU"]
-    for batch_size in batch_sizes:
-        for loader_name, factory in factories.items():
-            ips = loader_images_per_s(factory(batch_size))
-            rows.append({"data": name, "loader": loader_name, "batch": batch_size,
-                         "workers": workers, "images": len(order), "images_per_s": ips})
-            logger.info("%s, %s, batch %d: %.1f img/s", name, loader_name, batch_size, ips)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .bench import format_rows, list_images
-    from .cli import SHARED_DATA
-
-    p = argparse.ArgumentParser(description="DALI CPU with and without the decoded cache, "
-                                "and our torchvision chain over the cache")
-    p.add_argument("--data", type=str, default=str(SHARED_DATA / "chest_xray_fullres"))
-    p.add_argument("--repeats", type=int, default=3, help="passes over the files per measurement")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    files = list_images(Path(args.data))
-    if not files:
-        p.error(f"no images under {args.data}")
-    rows = bench_cached_loaders(files, args.batch_sizes, args.repeats, args.workers)
-    print(format_rows("cached loaders (img/s, same files, same run)", rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,7 +4,7 @@ Every decoder returns an 8-bit, 3-channel RGB image whatever the file holds (gra
 RGB, RGBA, CMYK, palette, 16-bit, progressive).  The decoders differ in speed: ``pil`` decodes
 the whole file, ``pil_draft`` asks libjpeg to downscale by 1/2, 1/4 or 1/8 inside the IDCT
 while keeping both sides >= the target size, ``cv2_reduced`` does the same through OpenCV's
-``IMREAD_REDUCED_*`` flags.  ``python -m pipelines.bench`` times them and checks that the
+``IMREAD_REDUCED_*`` flags.  ``python -m benchmarks`` times them and checks that the
 downscaled ones match the plain decode + resize within a stated tolerance.
 """
 from __future__ import annotations
@@ -198,19 +198,8 @@ def load_cv2_reduced(path: str | Path, size: int = TARGET_SIZE) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-def load_skimage(path: str | Path) -> np.ndarray:
-    """scikit-image decode (RGB uint8 H x W x 3); 4-channel (RGBA, CMYK) and 16-bit files via ``to_rgb8``."""
-    from skimage import color, io
-
-    arr = io.imread(str(path))
-    if arr.dtype != np.uint8 or (arr.ndim == 3 and arr.shape[-1] != 3):
-        return np.asarray(load_pil(path))
-    return np.ascontiguousarray(color.gray2rgb(arr) if arr.ndim == 2 else arr)
-
-
 LOADERS: dict[str, Callable[[str], object]] = {
     "pil": load_pil,
     "pil_draft": load_pil_draft,
     "cv2_reduced": load_cv2_reduced,
-    "skimage": load_skimage,
 }

@@ -109,9 +109,9 @@ step_smoke() {  # seconds, dali_gpu_smoke.py options...: where DALI imports, che
 if [ "$CPU" = 1 ]; then
   step_smoke 120 --data "$DATA" --cpu
   step count_params 300 $PY train.py --count-params --device cpu --batch-size 4
-  step bench 300 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 1 \
+  step bench 300 $PY -m benchmarks --data "$DATA" --sections loaders --repeats 1 \
        --min-images 64 --n224 64 --batch-sizes 16 --json "$OUT/bench.json"
-  step feed 300 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 1 \
+  step feed 300 $PY -m benchmarks --data "$DATA" --sections training --train-steps 1 \
        --train-batch-size 2 --json "$OUT/feed.json"
   step_train 300 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --train-subset 16 --epochs 1 --tta 2 --batch-size 8 --out "$OUT/run" \
@@ -125,9 +125,9 @@ if [ "$CPU" = 1 ]; then
 else
   step_smoke 40 --data "$DATA" --threads 4
   step count_params 60 $PY train.py --count-params --device cuda --batch-size 64
-  step bench 140 $PY -m pipelines.bench --data "$DATA" --sections loaders --repeats 20 \
+  step bench 140 $PY -m benchmarks --data "$DATA" --sections loaders --repeats 20 \
        --min-images 9600 --n224 500 --batch-sizes 64 256 --json "$OUT/bench.json"
-  step feed 50 $PY -m pipelines.bench --data "$DATA" --sections training --train-steps 300 \
+  step feed 50 $PY -m benchmarks --data "$DATA" --sections training --train-steps 300 \
        --train-batch-size 16 --json "$OUT/feed.json"
   step_train 220 --data-dir "$DATA/chest_xray_224" --no-pretrained \
        --eval-gain 1.35 --bn-recalibrate 1600 --batch-size 16 --num-workers "$NPROC" --epochs 30 --tta 4 8 \

@@ -4,7 +4,7 @@
 # training run, and of chest_xray_fullres (52 MiB, too much beside it) every k-th file in class and
 # name order (k so that they fit in FULLRES_MIB, default 18: about a third of the files, both classes,
 # sizes spread as in the whole set) for the loader and training-feed benchmarks, which repeat them
-# (pipelines.bench --min-images).
+# (python -m benchmarks --min-images).
 #   bash scripts/stage_device_data.sh            # -> .data/, then run(..., carry=[".data"])
 # Env: SRC (default ../shared/data), DEST (default .data), FULLRES_MIB, CARRY_MIB (default 64).
 set -euo pipefail

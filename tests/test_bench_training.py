@@ -1,4 +1,4 @@
-"""Training fed by each loader against resident batches (pipelines.bench_training), on the CPU."""
+"""Training fed by each loader against resident batches (benchmarks.training), on the CPU; the benchmark CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,10 +6,11 @@ import importlib.util
 import pytest
 import torch
 
+from benchmarks import bench
+from benchmarks import training as bt
+from benchmarks.common import format_rows
 from models.cost import training_setup
 from models.engine import precision_options
-from pipelines import bench_training as bt
-from pipelines.bench import format_rows
 
 from .helpers import FULLRES, real_files
 
@@ -74,8 +75,6 @@ def test_a_failing_feed_is_reported_and_the_others_measured(monkeypatch):
 
 
 def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, capsys, tmp_path):
-    from pipelines import bench
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "b.json"
     assert bench.main(["--sections", "transforms", "training", "--device", "cuda", "--json", str(out)]) == 2
@@ -88,8 +87,6 @@ def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, cap
                                             (["--batch-sizes", "0"], "--batch-sizes: [0] out of range"),
                                             (["--train-steps", "0"], "--train-steps must be >= 1")])
 def test_bench_refuses_counts_out_of_range_before_measuring(argv, fragment, capsys, tmp_path):
-    from pipelines import bench
-
     out = tmp_path / "b.json"
     with pytest.raises(SystemExit) as stop:
         bench.main(["--sections", "transforms", *argv, "--json", str(out)])

@@ -52,8 +52,7 @@ def test_shared_data_is_the_one_beside_the_project():
     assert SHARED_DATA.resolve() == TESTS_SHARED_DATA.resolve()
 
 
-SCRIPTS = ["bn_statistics", "test_shift_diagnostics", "batch_transport_cost", "dali_cpu_steps", "dali_feed_cost",
-           "dali_gpu_smoke", "jpeg_decode_floor"]
+SCRIPTS = ["dali_gpu_smoke"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -65,16 +64,7 @@ def test_script_help_from_elsewhere(name, tmp_path):
     description = lines[lines.index(next(line for line in lines if not line.startswith(("usage", " ")))) ]
     assert done.stdout.count(description) == 1  # the first paragraph is not repeated in the epilog
     assert "(default: False)" not in done.stdout and "(default: None)" not in done.stdout
-    if name != "batch_transport_cost":  # every other script reads the shared data, found from the project
-        assert str(SHARED_DATA) in " ".join(done.stdout.split())
-
-
-def test_script_error_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "test_shift_diagnostics.py"), "--weights",
-                           str(tmp_path / "missing.h5")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [f"test_shift_diagnostics.py: error: modelo.h5 not found: "
-                                                f"{tmp_path / 'missing.h5'}"]
+    assert str(SHARED_DATA) in " ".join(done.stdout.split())  # the shared data, found from the project
 
 
 def test_the_traceback_comes_back_on_request(monkeypatch):

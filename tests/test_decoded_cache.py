@@ -15,14 +15,11 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
+from benchmarks.loaders import bench_cached_loaders  # noqa: E402
 from pipelines.dali import DaliLoader, ImageDecodeError  # noqa: E402
-from pipelines.decoded_cache import (  # noqa: E402
-    CachedImageDataset,
-    DecodedCache,
-    bench_cached_loaders,
-    cached_train_transform,
-)
+from pipelines.decoded_cache import DecodedCache  # noqa: E402
 from pipelines.imageio import load_cv2_reduced, shared_channels  # noqa: E402
+from pipelines.loaders import LoaderSettings, cached_view  # noqa: E402
 from tests.test_dali import (  # noqa: E402
     FULLRES,
     SIZE,
@@ -167,7 +164,7 @@ def test_torchvision_chain_over_the_cache(index_files):
     3 x 224 x 224 float32, the cached value times noise in [1.2, 1.5] inside the picture,
     channels differing."""
     cache = DecodedCache(index_files)
-    dataset = CachedImageDataset(cache, list(range(N_FILES)), cached_train_transform())
+    dataset = cached_view(cache, list(range(N_FILES)), augment=True, settings=LoaderSettings())
     torch.manual_seed(0)
     for i in (0, 1):
         x, label = dataset[i]
@@ -180,7 +177,7 @@ def test_torchvision_chain_over_the_cache(index_files):
 
 @pytest.mark.timeout(180)
 def test_bench_rows_and_dataloader_workers_forked_after_dali():
-    """The rows bench_loaders expects; the torchvision row forks a DataLoader worker after
+    """The rows benchmarks.loaders.bench_loaders expects; the torchvision row forks a DataLoader worker after
     DALI pipelines ran in this process (a pipeline collected in the worker would hang it)."""
     files = fullres_sample()[:3] + fullres_sample()[-3:]  # NORMAL and PNEUMONIA
     rows = bench_cached_loaders(files, batch_sizes=[4], repeats=2, workers=1)

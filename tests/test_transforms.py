@@ -1,4 +1,5 @@
-"""The training transform: every toolchain, each random step checked statistically."""
+"""The training transform: every toolchain (the library's and those the benchmark compares with them),
+each random step checked statistically."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +8,13 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from benchmarks.toolchains import PARITY_MEAN_TOL, PARITY_P99_TOL, TOOLCHAINS, TensorRandomRotate, get_chain, parity
 from pipelines import imageio, transforms
-from pipelines.bench import PARITY_MEAN_TOL, PARITY_P99_TOL, parity
-from pipelines.transforms import (CvRandomFlip, CvRandomRotate, HwcNoiseToTensor, MultiplicativeNoise,
-                                  TensorRandomRotate, get_toolchain)
+from pipelines.transforms import CvRandomFlip, CvRandomRotate, HwcNoiseToTensor, MultiplicativeNoise, get_toolchain
 
-from .helpers import FULLRES, SMALL_224, load_script, real_files
+from .helpers import FULLRES, SMALL_224, real_files
 
-CHAINS = sorted(transforms.TOOLCHAINS)
+CHAINS = sorted(TOOLCHAINS)
 
 
 def asymmetric_image(h: int = 224, w: int = 224) -> np.ndarray:
@@ -26,7 +26,7 @@ def asymmetric_image(h: int = 224, w: int = 224) -> np.ndarray:
 
 @pytest.mark.parametrize("name", CHAINS)
 def test_chain_shapes_dtype_range_and_seed(name):
-    chain = get_toolchain(name)
+    chain = get_chain(name)
     path = real_files(FULLRES, n=1)[0]
     torch.manual_seed(0)
     a = chain.train(chain.loader(path))
@@ -53,7 +53,7 @@ def test_224_files_decode_the_same_in_every_chain():
     for path in real_files(SMALL_224 / "train", n=5, step=500):
         ref = get_toolchain("plain").eval(get_toolchain("plain").loader(path))
         for name in CHAINS:
-            chain = get_toolchain(name)
+            chain = get_chain(name)
             assert torch.allclose(chain.eval(chain.loader(path)), ref, atol=2 / 255), name
 
 
@@ -155,6 +155,9 @@ def test_noise_rejects_bad_bounds():
 def test_unknown_toolchain():
     with pytest.raises(ValueError, match="nope"):
         get_toolchain("nope")
+    with pytest.raises(ValueError, match="skimage"):  # the library keeps only what training uses
+        get_toolchain("skimage")
+    assert set(transforms.TOOLCHAINS) == {"plain", "cv2"} < set(TOOLCHAINS)
 
 
 def test_eval_gain_scales_only_the_evaluation_transform():
@@ -193,80 +196,3 @@ def test_eval_noise_multiplies_each_evaluation_value_by_its_own_training_draw(na
 def test_eval_noise_and_gain_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
         get_toolchain(eval_gain=1.35, eval_noise=True)
-
-
-def test_loader_benchmark_times_from_the_warmup_batch_and_refuses_too_few(monkeypatch):
-    import pipelines.bench as bench
-
-    clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
-
-    def loader(sizes):
-        for n in sizes:
-            clock[0] += 1.0  # each batch takes one second to arrive
-            yield torch.zeros(n, 3, 4, 4), torch.zeros(n)
-
-    sizes = (16, 16, 16, 5)
-    assert bench.loader_images_per_s(loader(sizes)) == pytest.approx((16 + 16 + 5) / 3)
-    assert bench.loader_images_per_s(loader(sizes), warmup=2) == pytest.approx((16 + 5) / 2)
-    with pytest.raises(ValueError, match="more than 1 batches"):
-        bench.loader_images_per_s(loader(sizes[:1]))
-    with pytest.raises(ValueError, match="more than 4 batches"):
-        bench.loader_images_per_s(loader(sizes), warmup=4)
-    with pytest.raises(ValueError, match="at least 1"):
-        bench.loader_images_per_s(loader(sizes), warmup=0)
-
-
-def test_loader_benchmark_leaves_out_one_batch_per_worker():
-    from pipelines.bench import folder_dataset, warmup_batches
-    from pipelines.loaders import TorchvisionLoader
-
-    dataset = folder_dataset(["a", "b"], lambda f: f, lambda x: 0)
-    for workers, expected in ((0, 1), (1, 1), (2, 2)):
-        assert warmup_batches(TorchvisionLoader(dataset, [0, 1], num_workers=workers)) == expected
-    assert warmup_batches([]) == 1
-
-
-def test_loader_benchmark_reports_a_failing_back_end_and_measures_the_others(monkeypatch):
-    import pipelines.bench_loaders as bl
-    from pipelines.bench import format_rows
-
-    def working(files, order, batch_size):
-        return [(torch.zeros(batch_size, 3, 4, 4), torch.zeros(batch_size)) for _ in range(4)]
-
-    def broken(files, order, batch_size):
-        raise RuntimeError("[/opt/dali/pipeline.cc:42] CUDA error:\n  no kernel image")
-
-    monkeypatch.setattr(bl, "loader_factories", lambda workers: {"plain": working, "DALI GPU": broken, "ours": working})
-    monkeypatch.setattr(bl, "cached_rows", lambda *a: (_ for _ in ()).throw(OSError("no cache")))
-    rows = bl.bench_loaders({"set": ["f"] * 8}, [2], repeats=1, workers=1)
-    assert [r["loader"] for r in rows] == ["plain", "DALI GPU", "ours", "decoded-cache loaders"]
-    assert rows[0]["images_per_s"] > 0 and rows[2]["x_plain"] > 0
-    assert rows[1]["images_per_s"] is None and rows[1]["error"] == (
-        "RuntimeError: [/opt/dali/pipeline.cc:42] CUDA error: no kernel image")
-    assert rows[3]["error"] == "OSError: no cache"
-    table = format_rows("loaders", rows)
-    assert "| error |" in table and "no kernel image" in table and "None" not in table
-
-
-def test_batch_transport_script_prints_its_rows(capsys):
-    btc = load_script("batch_transport_cost")
-    assert btc.main(["--workers", "1", "--batch-sizes", "4", "--batches", "4"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
-    assert [row.split(" | ")[1] for row in rows] == btc.MODES
-    assert all(float(row.split(" | ")[2]) > 0 for row in rows)
-
-
-def test_loader_benchmark_repeats_a_small_file_set_up_to_min_images(monkeypatch):
-    import pipelines.bench_loaders as bl
-
-    seen = []
-
-    def counting(files, order, batch_size):
-        seen.append(len(order))
-        return [(torch.zeros(batch_size, 3, 4, 4), torch.zeros(batch_size))] * (len(order) // batch_size)
-
-    monkeypatch.setattr(bl, "loader_factories", lambda workers: {"ours": counting})
-    monkeypatch.setattr(bl, "cached_rows", lambda *a: [])
-    rows = bl.bench_loaders({"few": ["f"] * 6, "many": ["f"] * 40}, [2], repeats=2, workers=1, min_images=32)
-    assert seen == [36, 80] and [r["images"] for r in rows] == [36, 80]  # ceil(32 / 6) = 6 passes of 6; 2 passes of 40

@@ -13,7 +13,7 @@ batches reading it after every batch, as the loop did before: what that per-step
 first steps of every row (worker and pipeline start-up, cuDNN's first calls, the batches workers
 hold ready) are trained but not timed.
 
-    python -m pipelines.bench --sections training [--train-steps 200] [--train-batch-size 16]
+    python -m benchmarks --sections training [--train-steps 200] [--train-batch-size 16]
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from benchmarks.common import failure, repeated_sampler
+from benchmarks.loaders import dali_importable, dali_loader, torchvision_loader
 from models.cost import training_setup
 from models.engine import loss_check_interval, precision_label, precision_options, train_one_epoch
-
-from .bench import repeated_sampler
-from .bench_loaders import dali_importable, dali_loader, failure, torchvision_loader
-from .shared_batches import PREFETCH_FACTOR
-from .transforms import DEFAULT_TOOLCHAIN
+from pipelines.transforms import DEFAULT_TOOLCHAIN
 
 logger = logging.getLogger(__name__)
+
+PREFETCH_FACTOR = 2  # batches each DataLoader worker holds ready (DataLoader's default, which our loader keeps)
 
 RESIDENT = "same batches, already on the device"
 RESIDENT_EVERY_STEP = RESIDENT + ", loss read every batch"
@@ -73,8 +73,7 @@ def feeding_loaders(workers: int, device: torch.device) -> dict[str, Callable[[l
     """name -> factory(files, order, batch_size) of a loader delivering training batches on ``device``."""
     factories: dict[str, Callable] = {
         f"torchvision ours ({DEFAULT_TOOLCHAIN})":
-            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, shared_batches=True,
-                                               device=device),
+            lambda f, o, b: torchvision_loader(f, o, DEFAULT_TOOLCHAIN, b, workers, device=device),
     }
     if not dali_importable():
         return factories

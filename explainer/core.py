@@ -2,25 +2,40 @@
 weights, the weighted explanation model and the explanation object.
 
 The split follows ``lime``'s (segmenter, sampler, kernel, local model, explanation) but not its
-speed: the perturbed images of a whole batch come from one gather ``z[:, segments]`` on the
-predictor's device, and the model sees large batches.
+speed: the perturbed images of a whole batch come from one gather ``z[:, segments]``, and the
+model sees large batches.
 
 Notation of the brief: ``z`` (N x K, 0/1) the perturbations, the first all ones (the control
-image); ``y`` (N) 1 where the network's top class on the perturbed image is the explained
-class; ``d`` the cosine distance of each ``z`` to the all-ones vector; ``pi = exp(-d^2 / sigma^2)``
-the sample weights; ``D_p = (z, y)`` the training set of the explanation model.
+image); ``y`` (N) 1 where the model's decision on the perturbed image is the explained class (its
+top class, or its own rule: ``ThresholdDecision``); ``d`` the cosine distance of each ``z`` to the
+all-ones vector; ``pi = exp(-d^2 / sigma^2)`` the sample weights; ``D_p = (z, y)`` the training
+set of the explanation model.
+
+What an explanation may claim is checked before it is drawn:
+
+- too few samples of one class in y (fewer than max(10, 1 %) of N, none at all included): no
+  classifier is fitted over a handful of samples; the surrogate explains the probability of the
+  explained class instead (weighted ridge, or a regression tree for the tree family), and says why;
+- fidelity is the surrogate's weighted ROC AUC against y (classifiers) or weighted R^2 against the
+  probability (probability surrogates), never accuracy (which a constant guess makes high when one
+  class dominates);
+- when the explained probability moves by less than 0.05 (max - min over the N perturbed images)
+  the prediction is insensitive to the superpixels, and the explanation says so instead of ranking
+  them.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.tree import DecisionTreeClassifier
+from sklearn.metrics import roc_auc_score
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -36,20 +51,27 @@ of the same size makes the weights vary (for K = 80 the middle 95% lie in 0.10-0
 image has 1) while the effective sample size stays near 90% of N (0.89 for K = 80, 0.72 for
 K = 20).  Width 0.1 gives weights below 0.01 and an effective sample size under 1% of N (a few
 samples decide the fit); width 1.0 gives every sample nearly the same weight (no longer local).
-``python -m explainer.bench --sigma-table`` prints these numbers.
+``python -m benchmarks.lime_comparison --sigma-table`` prints these numbers.
 """
 
 DEFAULT_BATCH_SIZE = 32
-"""Perturbed images per model call, measured with ``python -m explainer.bench --sweep`` (our
-explanation of resnet18 at 224, batch sizes interleaved) on the project's 2-core CPU, which is
+"""Perturbed images per model call, measured with ``python -m benchmarks.lime_comparison --sweep``
+(our explanation of resnet18 at 224, batch sizes interleaved) on the project's 2-core CPU, which is
 shared: the best batch depends on the background load.  Idle (load ~1.8): 12.2, 14.1, 15.9 and
 18.5 ms per image at batches of 10, 16, 32 and 64 (small batches stay in cache).  Under a
 background training run (load ~3.5): 121, 84, 57 and 49 ms (fewer, larger calls lose less to
 the competing threads).  32 is never more than 1.3x from the best of either regime (10 is 2.5x
 off under load, 64 is 1.5x off idle).  On a GPU pass a larger batch (hundreds)."""
 
+MIN_MINORITY = 10
+MIN_MINORITY_FRACTION = 0.01
+"""A classifier is fitted on y only when its smaller class holds at least
+max(MIN_MINORITY, MIN_MINORITY_FRACTION * N) samples."""
+MIN_PROBABILITY_RANGE = 0.05
+"""Below this spread (max - min) of the explained probability over the perturbed images the
+prediction is called insensitive to the superpixels."""
+
 Family = Literal["logistic", "tree"]
-SingleClassPolicy = Literal["probability", "zeros"]
 
 
 # --- segments --------------------------------------------------------------------------------
@@ -109,14 +131,16 @@ def effective_sample_size(weights: np.ndarray) -> float:
 # --- perturbed images ------------------------------------------------------------------------
 
 class PerturbedBatches:
-    """Builds the perturbed images of a batch of perturbations into one reused buffer.
+    """Builds the perturbed images of a batch of perturbations into one reused buffer on a torch
+    device: what a ``predict_fn`` with a ``device`` attribute (``explainer.models.TorchPredictor``)
+    gets.  Any other ``predict_fn`` gets fresh arrays (``perturbed_arrays``).
 
     Switched-off superpixels are set to 0 in every channel.  Each call is one gather of the
     batch's masks (``z[:, segments]`` over the flattened segments) and one multiply, written
     into buffers allocated once: fresh batch-sized allocations cost more than the arithmetic
     (page faults).  The image is held channel-planar (C x H x W) so the mask broadcasts over
-    whole planes; callers get an N x H x W x C *view* of the planar buffer, which a torch
-    model's ``permute(0, 3, 1, 2)`` turns back into contiguous NCHW at no cost.  The buffer is
+    whole planes; callers get an N x H x W x C *view* of the planar buffer, which the predictor's
+    ``permute(0, 3, 1, 2)`` turns back into contiguous NCHW at no cost.  The buffer is
     overwritten by the next call: copy a batch to keep it.
 
     On the CPU the two steps run as numpy's single-threaded kernels on the buffers' memory:
@@ -163,18 +187,87 @@ class PerturbedBatches:
 def iter_perturbed_batches(image: np.ndarray, segments: np.ndarray, z: np.ndarray, batch_size: int,
                            device: torch.device | str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, images)`` for consecutive batches of ``z``: B x H x W x C tensors on
-    ``device``, in one buffer overwritten at each step."""
+    ``device``, in one buffer overwritten at each step (``PerturbedBatches``)."""
     build = PerturbedBatches(image, segments, min(batch_size, len(z)), device)
     z_t = torch.as_tensor(z, device=device)
     for start in range(0, len(z), batch_size):
         yield start, build(z_t[start:start + batch_size])
 
 
+def perturbed_arrays(image: np.ndarray, flat_segments: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """A new C-contiguous B x H x W x C array (owning its memory, the image's dtype) of the
+    perturbed images of the rows of ``z``: what ``lime`` hands a ``predict_fn``, so that a user's
+    ``torch.from_numpy(batch).permute(0, 3, 1, 2)`` sees the same channels-last memory as under
+    ``lime`` (a strided view of a planar buffer made resnet18 on this CPU 1.24x slower).  One
+    gather of the masks, one multiply into the new array; ``flat_segments`` is ``segments.ravel()``."""
+    n = len(z)
+    masks = np.take(np.asarray(z).astype(image.dtype, copy=False), flat_segments, axis=1)
+    out = np.empty((n, *image.shape), dtype=image.dtype)
+    np.multiply(image, masks.reshape(n, *image.shape[:2], 1), out=out)
+    return out
+
+
+def iter_perturbed_arrays(image: np.ndarray, segments: np.ndarray, z: np.ndarray,
+                          batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, images)`` for consecutive batches of ``z``: a new array per batch
+    (``perturbed_arrays``), which the caller may keep."""
+    image = np.ascontiguousarray(image)
+    flat_segments = np.ascontiguousarray(segments, dtype=np.intp).ravel()
+    for start in range(0, len(z), batch_size):
+        yield start, perturbed_arrays(image, flat_segments, z[start:start + batch_size])
+
+
+# --- the model's decision ----------------------------------------------------------------------
+
+class Decision(Protocol):
+    """N x C probabilities -> the N classes the model decides."""
+
+    def __call__(self, probabilities: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ArgmaxDecision:
+    """The top class."""
+
+    def __call__(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities.argmax(axis=1)
+
+    def __str__(self) -> str:
+        return "argmax"
+
+
+@dataclass(frozen=True)
+class ThresholdDecision:
+    """A two-class model's rule: ``positive_class`` when its probability is at least ``threshold``,
+    else the other class (threshold 0.5 is the argmax but for exact ties)."""
+
+    positive_class: int = 1
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.positive_class not in (0, 1):
+            raise ValueError(f"positive_class must be 0 or 1 (a two-class model), got {self.positive_class!r}")
+        if not 0.0 <= self.threshold <= 1.0:  # NaN fails too
+            raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold!r}")
+
+    def __call__(self, probabilities: np.ndarray) -> np.ndarray:
+        if probabilities.shape[1] != 2:
+            raise ValueError(f"a threshold decision needs a two-class model, got {probabilities.shape[1]} classes")
+        positive = probabilities[:, self.positive_class] >= self.threshold
+        return np.where(positive, self.positive_class, 1 - self.positive_class)
+
+    def __str__(self) -> str:
+        return f"class {self.positive_class} when P(class {self.positive_class}) >= {self.threshold:g}"
+
+
+ARGMAX = ArgmaxDecision()
+
+
 # --- explanation models ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SurrogateSettings:
-    """The explanation model g and its complexity term Omega(g).
+    """The explanation model g, its complexity term Omega(g), and when it may be fitted.
 
     ``logistic``: ``LogisticRegression`` fitted with ``sample_weight=pi``.  ``C`` is the inverse
     strength of the penalty: the fit minimises ``sum_i pi_i * logloss_i + Omega(beta) / C``, with
@@ -188,10 +281,11 @@ class SurrogateSettings:
     its "coefficients" are the impurity importances signed by the direction of each superpixel
     (weighted mean of y with it on minus with it off).
 
-    ``on_single_class``: what to do when y has one class only (every perturbation keeps the
-    class, or none does), where a classifier cannot be fitted: ``"probability"`` fits a weighted
-    ``Ridge`` to the explained class's probability instead (``lime``'s own model), ``"zeros"``
-    returns zero coefficients.  Either way the explanation says ``single_class=True`` and why.
+    When the smaller class of y holds fewer than max(``min_minority``, ``min_minority_fraction``
+    * N) samples (none at all included), neither classifier is fitted: the logistic family
+    becomes a weighted ``Ridge`` on the explained class's probability (``lime``'s own model), the
+    tree family a ``DecisionTreeRegressor`` of the same depth on it.  ``min_probability_range``:
+    below this spread of that probability the prediction is reported insensitive.
     """
 
     family: Family = "logistic"
@@ -199,7 +293,9 @@ class SurrogateSettings:
     l1: bool = False
     max_superpixels: int | None = None
     tree_depth: int = 3
-    on_single_class: SingleClassPolicy = "probability"
+    min_minority: int = MIN_MINORITY
+    min_minority_fraction: float = MIN_MINORITY_FRACTION
+    min_probability_range: float = MIN_PROBABILITY_RANGE
 
     def __post_init__(self) -> None:
         if self.family not in ("logistic", "tree"):
@@ -210,8 +306,19 @@ class SurrogateSettings:
             raise ValueError(f"max_superpixels must be >= 1, got {self.max_superpixels}")
         if self.tree_depth < 1:
             raise ValueError(f"tree_depth must be >= 1, got {self.tree_depth}")
-        if self.on_single_class not in ("probability", "zeros"):
-            raise ValueError(f"on_single_class must be 'probability' or 'zeros', got {self.on_single_class!r}")
+        if self.min_minority < 1 or not 0 <= self.min_minority_fraction < 0.5:
+            raise ValueError(f"need min_minority >= 1 and 0 <= min_minority_fraction < 0.5, got "
+                             f"{self.min_minority} and {self.min_minority_fraction}")
+        if not 0 <= self.min_probability_range <= 1:
+            raise ValueError(f"min_probability_range must lie in [0, 1], got {self.min_probability_range}")
+
+    def minority_needed(self, num_samples: int) -> int:
+        """The fewest samples the smaller class of y needs for a classifier to be fitted."""
+        return max(self.min_minority, math.ceil(self.min_minority_fraction * num_samples))
+
+
+WEIGHTED_AUC = "weighted ROC AUC"
+WEIGHTED_R2 = "weighted R2"
 
 
 @dataclass(frozen=True)
@@ -219,8 +326,12 @@ class SurrogateFit:
     model: Any
     coefficients: np.ndarray
     intercept: float | None
-    score: float | None
+    fidelity: float | None
+    """Weighted ROC AUC against y (classifiers) or weighted R^2 against the probability; None
+    where undefined (a constant probability)."""
+    fidelity_metric: str
     kind: str
+    target: Literal["class", "probability"]
     C: float | None = None
 
 
@@ -244,6 +355,19 @@ def _largest_c_within(z: np.ndarray, y: np.ndarray, weights: np.ndarray, limit: 
     return float(chosen)
 
 
+def weighted_auc(model: Any, z: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+    """ROC AUC of the classifier's P(y = 1) against y, each sample weighted by pi."""
+    return float(roc_auc_score(y, model.predict_proba(z)[:, 1], sample_weight=weights))
+
+
+def weighted_r2(model: Any, z: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> float | None:
+    """R^2 of the regression against the probability, weighted by pi; None for a constant
+    probability (nothing to explain: scikit-learn would say 0 or 1 by rounding)."""
+    if np.ptp(probabilities) == 0:
+        return None
+    return float(model.score(z, probabilities, sample_weight=weights))
+
+
 def fit_logistic(z: np.ndarray, y: np.ndarray, weights: np.ndarray, settings: SurrogateSettings, seed: int) -> SurrogateFit:
     l1 = settings.l1 or settings.max_superpixels is not None
     C = settings.C
@@ -252,40 +376,82 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, weights: np.ndarray, settings: Su
         logger.info("L1: C = %.3g keeps at most %d superpixels", C, settings.max_superpixels)
     model = _logistic(C, l1, seed).fit(z, y, sample_weight=weights)
     return SurrogateFit(model, model.coef_[0].astype(np.float64), float(model.intercept_[0]),
-                        float(model.score(z, y, sample_weight=weights)), "logistic-l1" if l1 else "logistic", C)
+                        weighted_auc(model, z, y, weights), WEIGHTED_AUC, "logistic-l1" if l1 else "logistic",
+                        "class", C)
 
 
-def signed_directions(z: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per superpixel, the sign of (weighted mean of y with it on) - (with it off); 0 when undefined."""
+def signed_directions(z: np.ndarray, target: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per superpixel, the sign of (weighted mean of the target with it on) - (with it off); 0 when undefined."""
     on = z.astype(np.float64) * weights[:, None]
     off = (1.0 - z) * weights[:, None]
     on_sum, off_sum = on.sum(0), off.sum(0)
-    mean_on = np.divide(on.T @ y, on_sum, out=np.zeros(z.shape[1]), where=on_sum > 0)
-    mean_off = np.divide(off.T @ y, off_sum, out=np.zeros(z.shape[1]), where=off_sum > 0)
+    mean_on = np.divide(on.T @ target, on_sum, out=np.zeros(z.shape[1]), where=on_sum > 0)
+    mean_off = np.divide(off.T @ target, off_sum, out=np.zeros(z.shape[1]), where=off_sum > 0)
     return np.sign(mean_on - mean_off)
 
 
 def fit_tree(z: np.ndarray, y: np.ndarray, weights: np.ndarray, settings: SurrogateSettings, seed: int) -> SurrogateFit:
     model = DecisionTreeClassifier(max_depth=settings.tree_depth, random_state=seed).fit(z, y, sample_weight=weights)
     coefficients = model.feature_importances_ * signed_directions(z, y.astype(np.float64), weights)
-    return SurrogateFit(model, coefficients, None, float(model.score(z, y, sample_weight=weights)),
-                        f"tree-depth{settings.tree_depth}")
+    return SurrogateFit(model, coefficients, None, weighted_auc(model, z, y, weights), WEIGHTED_AUC,
+                        f"tree-depth{settings.tree_depth}", "class")
 
 
-def fit_probability_ridge(z: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> SurrogateFit:
-    """``lime``'s model: a weighted Ridge (alpha 1) on the explained class's probability; the score is weighted R^2."""
+def fit_probability_ridge(z: np.ndarray, probabilities: np.ndarray, weights: np.ndarray,
+                          settings: SurrogateSettings, seed: int) -> SurrogateFit:
+    """``lime``'s model: a weighted Ridge (alpha 1) on the explained class's probability."""
     model = Ridge(alpha=1.0).fit(z, probabilities, sample_weight=weights)
     return SurrogateFit(model, model.coef_.astype(np.float64), float(model.intercept_),
-                        float(model.score(z, probabilities, sample_weight=weights)), "ridge-probability")
+                        weighted_r2(model, z, probabilities, weights), WEIGHTED_R2, "ridge-probability", "probability")
 
 
-SURROGATES: dict[str, Callable[..., SurrogateFit]] = {"logistic": fit_logistic, "tree": fit_tree}
+def fit_probability_tree(z: np.ndarray, probabilities: np.ndarray, weights: np.ndarray,
+                         settings: SurrogateSettings, seed: int) -> SurrogateFit:
+    """The tree family on the explained class's probability: a weighted regression tree, its
+    importances signed by the direction of each superpixel on the probability."""
+    model = DecisionTreeRegressor(max_depth=settings.tree_depth, random_state=seed)
+    model.fit(z, probabilities, sample_weight=weights)
+    coefficients = model.feature_importances_ * signed_directions(z, probabilities, weights)
+    return SurrogateFit(model, coefficients, None, weighted_r2(model, z, probabilities, weights), WEIGHTED_R2,
+                        f"tree-regression-depth{settings.tree_depth}", "probability")
 
 
-def single_class_reason(y: np.ndarray, label: int) -> str:
-    if y.all():
-        return f"every one of the {len(y)} perturbed images keeps class {label}"
-    return f"none of the {len(y)} perturbed images has class {label} on top"
+SurrogateFitter = Callable[[np.ndarray, np.ndarray, np.ndarray, SurrogateSettings, int], SurrogateFit]
+#: per family: the classifier on y, and the model of the probability when y is too unbalanced
+SURROGATES: dict[str, tuple[SurrogateFitter, SurrogateFitter]] = {
+    "logistic": (fit_logistic, fit_probability_ridge),
+    "tree": (fit_tree, fit_probability_tree),
+}
+
+
+def minority_count(y: np.ndarray) -> int:
+    """Samples of the smaller class of the 0/1 labels y (0 when y has one class)."""
+    positives = int(np.count_nonzero(y))
+    return min(positives, len(y) - positives)
+
+
+def unbalanced_reason(y: np.ndarray, label: int, needed: int) -> str | None:
+    """Why no classifier is fitted on y (its smaller class has fewer than ``needed`` samples), or None."""
+    n, kept = len(y), int(np.count_nonzero(y))
+    if kept == n:
+        return f"every one of the {n} perturbed images keeps class {label}"
+    if kept == 0:
+        return f"none of the {n} perturbed images is given class {label}"
+    minority = min(kept, n - kept)
+    if minority >= needed:
+        return None
+    which = "keep" if kept < n - kept else "lose"
+    return f"only {minority} of the {n} perturbed images {which} class {label} (fewer than {needed})"
+
+
+def insensitivity_reason(probabilities: np.ndarray, label: int, min_range: float) -> str | None:
+    """Why the prediction is insensitive to the superpixels (the explained probability spans less
+    than ``min_range``, max - min over the perturbed images), or None."""
+    spread = float(np.ptp(probabilities))
+    if spread >= min_range:
+        return None
+    return (f"P(class {label}) spans only {spread:.3g} (max - min over the {len(probabilities)} perturbed "
+            f"images, below {min_range:g}): the prediction is insensitive to the superpixels")
 
 
 # --- the explanation -------------------------------------------------------------------------
@@ -294,7 +460,9 @@ def single_class_reason(y: np.ndarray, label: int) -> str:
 class Explanation:
     """One explained prediction: the training set D_p = (perturbations, y), its weights, the
     fitted explanation model and one coefficient per superpixel (positive: the superpixel
-    supports the explained class)."""
+    supports the explained class), with what the fit may claim: its fidelity, why it explains
+    the probability rather than y (``fallback_reason``), and whether the prediction moves at all
+    (``insensitive_reason``)."""
 
     image: np.ndarray
     segments: np.ndarray
@@ -307,12 +475,16 @@ class Explanation:
     model: Any
     coefficients: np.ndarray
     intercept: float | None
-    score: float | None
+    fidelity: float | None
+    fidelity_metric: str
     kind: str
+    target: str
     sigma: float
     seed: int
-    single_class: bool = False
-    reason: str | None = None
+    decision: str = "argmax"
+    minority_needed: int = MIN_MINORITY
+    fallback_reason: str | None = None
+    insensitive_reason: str | None = None
     C: float | None = None
 
     @property
@@ -322,6 +494,18 @@ class Explanation:
     @property
     def control_probability(self) -> float:
         return float(self.probabilities[0])
+
+    @property
+    def single_class(self) -> bool:
+        return minority_count(self.y) == 0
+
+    @property
+    def insensitive(self) -> bool:
+        return self.insensitive_reason is not None
+
+    @property
+    def probability_range(self) -> float:
+        return float(np.ptp(self.probabilities))
 
     def ranked(self) -> np.ndarray:
         """Superpixel indices by decreasing coefficient (ties by index)."""
@@ -365,28 +549,45 @@ class Explanation:
     def refit(self, surrogate: SurrogateSettings, sigma: float | None = None) -> Explanation:
         """Another explanation model (or kernel width) on the same perturbations and model outputs."""
         return fit_surrogate(self.image, self.segments, self.perturbations, self.y, self.probabilities, self.label,
-                             sigma=self.sigma if sigma is None else sigma, seed=self.seed, surrogate=surrogate)
+                             sigma=self.sigma if sigma is None else sigma, seed=self.seed, surrogate=surrogate,
+                             decision=self.decision)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no arrays but the ranking)."""
-        return {"label": self.label, "control_probability": self.control_probability, "kind": self.kind,
-                "num_samples": len(self.y), "num_superpixels": self.num_superpixels, "sigma": self.sigma,
-                "seed": self.seed, "score": self.score, "intercept": self.intercept, "C": self.C,
-                "kept_class_fraction": float(self.y.mean()),
+        return {"label": self.label, "decision": self.decision, "control_probability": self.control_probability,
+                "kind": self.kind, "target": self.target, "fidelity": self.fidelity,
+                "fidelity_metric": self.fidelity_metric, "num_samples": len(self.y),
+                "num_superpixels": self.num_superpixels, "sigma": self.sigma, "seed": self.seed,
+                "intercept": self.intercept, "C": self.C, "kept_class_fraction": float(self.y.mean()),
+                "minority_count": minority_count(self.y), "minority_needed": self.minority_needed,
+                "single_class": self.single_class, "fallback_reason": self.fallback_reason,
+                "probability_range": self.probability_range, "insensitive": self.insensitive,
+                "insensitive_reason": self.insensitive_reason,
                 "effective_sample_size": effective_sample_size(self.weights),
-                "single_class": self.single_class, "reason": self.reason,
                 "ranked": self.ranking_table()}
+
+
+def pixel_overlap(first: Explanation, second: Explanation, k: int) -> float | None:
+    """Jaccard index of the pixels covered by the two explanations' top-k superpixels in favour
+    (comparable across segmentations of the same image); 1 when both are empty, None when either
+    prediction is insensitive (no ranking to compare)."""
+    if first.insensitive or second.insensitive:
+        return None
+    a, b = first.image_and_mask(k)[1] == 1, second.image_and_mask(k)[1] == 1
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 1.0
 
 
 @dataclass(frozen=True)
 class Neighbourhood:
-    """What the model said on the perturbed images: the top class of each and the probability
-    of the explained class (``label``)."""
+    """What the model said on the perturbed images: its decided class for each and the
+    probability of the explained class (``label``)."""
 
     z: np.ndarray
-    top_classes: np.ndarray
+    classes: np.ndarray
     probabilities: np.ndarray
     label: int
+    decision: str
 
 
 def _check_inputs(image: np.ndarray, segments: np.ndarray) -> None:
@@ -397,77 +598,88 @@ def _check_inputs(image: np.ndarray, segments: np.ndarray) -> None:
 
 
 def query_model(image: np.ndarray, segments: np.ndarray, z: np.ndarray, predict_fn: Callable[[Any], Any], *,
-                batch_size: int = DEFAULT_BATCH_SIZE, label: int | None = None, progress: bool = False) -> Neighbourhood:
-    """Run ``predict_fn`` on the perturbed images of ``z`` in batches.
+                batch_size: int = DEFAULT_BATCH_SIZE, label: int | None = None, decision: Decision = ARGMAX,
+                progress: bool = False) -> Neighbourhood:
+    """Run ``predict_fn`` on the perturbed images of ``z`` in batches and apply ``decision`` to
+    its probabilities.
 
     A ``predict_fn`` with a ``device`` attribute (``TorchPredictor``) gets torch tensors built on
-    that device; any other gets numpy arrays.  ``label`` defaults to the top class of the first
-    row of ``z`` (all ones: the control image).
+    that device in a reused buffer; any other gets a new C-contiguous numpy array per batch.
+    ``label`` defaults to the decided class of the first row of ``z`` (all ones: the control image).
     """
     device = getattr(predict_fn, "device", None)
-    wants_tensors = device is not None
-    top_classes = np.empty(len(z), dtype=np.int64)
+    if device is None:
+        batches: Iterator[tuple[int, Any]] = iter_perturbed_arrays(image, segments, z, batch_size)
+    else:
+        batches = iter_perturbed_batches(image, segments, z, batch_size, device)
+    classes = np.empty(len(z), dtype=np.int64)
     probabilities = np.empty(len(z), dtype=np.float64)
-    batches = iter_perturbed_batches(image, segments, z, batch_size, device or "cpu")
     total = -(-len(z) // batch_size)
     for start, images in tqdm(batches, total=total, desc="model batches", unit="batch", disable=not progress):
-        probs = np.asarray(predict_fn(images if wants_tensors else images.numpy()), dtype=np.float64)
+        probs = np.asarray(predict_fn(images), dtype=np.float64)
         if probs.ndim != 2 or len(probs) != len(images):
             raise ValueError(f"predict_fn returned shape {probs.shape} for a batch of {len(images)} images; expected N x C")
+        decided = np.asarray(decision(probs))
         if label is None:
-            label = int(probs[0].argmax())
+            label = int(decided[0])
         if not 0 <= label < probs.shape[1]:
             raise ValueError(f"label {label} outside the model's {probs.shape[1]} classes")
-        top_classes[start:start + len(probs)] = probs.argmax(1)
+        classes[start:start + len(probs)] = decided
         probabilities[start:start + len(probs)] = probs[:, label]
-    return Neighbourhood(z, top_classes, probabilities, int(label))
+    return Neighbourhood(z, classes, probabilities, int(label), str(decision))
 
 
 def fit_explanation(image: np.ndarray, segments: np.ndarray, neighbourhood: Neighbourhood, *,
                     sigma: float = DEFAULT_SIGMA, seed: int = 0,
                     surrogate: SurrogateSettings = SurrogateSettings()) -> Explanation:
-    """Labels y (1 where the top class is the explained one), then ``fit_surrogate``."""
-    y = (neighbourhood.top_classes == neighbourhood.label).astype(np.int64)
+    """Labels y (1 where the decided class is the explained one), then ``fit_surrogate``."""
+    y = (neighbourhood.classes == neighbourhood.label).astype(np.int64)
     return fit_surrogate(image, segments, neighbourhood.z, y, neighbourhood.probabilities, neighbourhood.label,
-                         sigma=sigma, seed=seed, surrogate=surrogate)
+                         sigma=sigma, seed=seed, surrogate=surrogate, decision=neighbourhood.decision)
 
 
 def fit_surrogate(image: np.ndarray, segments: np.ndarray, z: np.ndarray, y: np.ndarray, probabilities: np.ndarray,
                   label: int, *, sigma: float = DEFAULT_SIGMA, seed: int = 0,
-                  surrogate: SurrogateSettings = SurrogateSettings()) -> Explanation:
-    """Distances, kernel weights and the explanation model on D_p = (z, y)."""
+                  surrogate: SurrogateSettings = SurrogateSettings(), decision: str = "argmax") -> Explanation:
+    """Distances, kernel weights and the explanation model: the family's classifier on D_p = (z, y)
+    when both classes of y have enough samples, else its model of the explained probability."""
     distances = cosine_distance(z)
     weights = kernel_weights(distances, sigma)
-    single_class = len(np.unique(y)) < 2
-    reason = single_class_reason(y, label) if single_class else None
-    if not single_class:
-        fit = SURROGATES[surrogate.family](z, y, weights, surrogate, seed)
-    elif surrogate.on_single_class == "probability":
-        logger.warning("y has a single class (%s): no classifier can be fitted; explaining the class-%d "
-                       "probability with a weighted Ridge instead (lime's model). More samples, smaller "
-                       "superpixels or another label may give both classes.", reason, label)
-        fit = fit_probability_ridge(z, probabilities, weights)
+    needed = surrogate.minority_needed(len(y))
+    fallback_reason = unbalanced_reason(y, label, needed)
+    on_classes, on_probability = SURROGATES[surrogate.family]
+    if fallback_reason is None:
+        fit = on_classes(z, y, weights, surrogate, seed)
     else:
-        logger.warning("y has a single class (%s): no classifier can be fitted; returning zero "
-                       "coefficients.", reason)
-        fit = SurrogateFit(None, np.zeros(z.shape[1]), None, None, "none (single class)")
+        fit = on_probability(z, probabilities, weights, surrogate, seed)
+        logger.warning("%s: a classifier on y needs at least %d samples of each class; %s explains "
+                       "P(class %d) instead (fidelity: %s)", fallback_reason, needed, fit.kind, label,
+                       fit.fidelity_metric)
+    insensitive_reason = insensitivity_reason(probabilities, label, surrogate.min_probability_range)
+    if insensitive_reason is not None:
+        logger.warning("%s", insensitive_reason)
     return Explanation(image=image, segments=segments, label=label, perturbations=z, y=y,
                        probabilities=probabilities, distances=distances, weights=weights,
-                       model=fit.model, coefficients=fit.coefficients, intercept=fit.intercept, score=fit.score,
-                       kind=fit.kind, sigma=float(sigma), seed=seed, single_class=single_class, reason=reason,
-                       C=fit.C)
+                       model=fit.model, coefficients=fit.coefficients, intercept=fit.intercept,
+                       fidelity=fit.fidelity, fidelity_metric=fit.fidelity_metric, kind=fit.kind,
+                       target=fit.target, sigma=float(sigma), seed=seed, decision=decision,
+                       minority_needed=needed, fallback_reason=fallback_reason,
+                       insensitive_reason=insensitive_reason, C=fit.C)
 
 
 def explain_image(image: np.ndarray, predict_fn: Callable[[Any], Any], segments: np.ndarray, *,
                   num_samples: int = 1000, sigma: float = DEFAULT_SIGMA, seed: int = 0,
-                  batch_size: int = DEFAULT_BATCH_SIZE, label: int | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, label: int | None = None, decision: Decision = ARGMAX,
                   surrogate: SurrogateSettings = SurrogateSettings(), progress: bool = False) -> Explanation:
-    """Explain ``predict_fn``'s prediction of ``label`` (default: its top class) on ``image``.
+    """Explain ``predict_fn``'s prediction of ``label`` (default: the class ``decision`` gives the
+    image) on ``image``.
 
     ``image`` is H x W x C (its values and dtype reach ``predict_fn`` unchanged, switched-off
-    superpixels as 0); ``predict_fn`` maps an N x H x W x C batch to N x C' probabilities (numpy
-    arrays, or torch tensors on ``predict_fn.device`` when it has that attribute, as
-    ``TorchPredictor`` does; the batch lives in a reused buffer, so copy it to keep it);
+    superpixels as 0); ``predict_fn`` maps an N x H x W x C batch to N x C' probabilities: a new
+    C-contiguous numpy array per call (as ``lime`` gives), or torch tensors on
+    ``predict_fn.device`` in a reused buffer when it has that attribute, as ``TorchPredictor``
+    does.  ``decision`` turns probabilities into the model's classes (``ARGMAX``, or
+    ``ThresholdDecision`` for a model with its own threshold): y is 1 where it gives ``label``.
     ``segments`` holds H x W integer labels, relabelled to 0..K-1.  The first of the
     ``num_samples`` perturbations is the image itself.  The same seed gives the same explanation.
     """
@@ -476,5 +688,6 @@ def explain_image(image: np.ndarray, predict_fn: Callable[[Any], Any], segments:
     _check_inputs(image, segments)
     rng = np.random.default_rng(seed)
     z = sample_perturbations(int(segments.max()) + 1, num_samples, rng)
-    neighbourhood = query_model(image, segments, z, predict_fn, batch_size=batch_size, label=label, progress=progress)
+    neighbourhood = query_model(image, segments, z, predict_fn, batch_size=batch_size, label=label,
+                                decision=decision, progress=progress)
     return fit_explanation(image, segments, neighbourhood, sigma=sigma, seed=seed, surrogate=surrogate)

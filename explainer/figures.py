@@ -1,10 +1,14 @@
 """Figures of an explanation (matplotlib ``Figure`` objects, no pyplot state), written atomically.
 
-Every figure takes a ``title`` that the caller fills with the model, its weights, the
-segmentation, the number of samples and sigma (``explainer.figures.run_title``).
+Every figure takes a ``title`` that the caller fills (``run_title``: the model, its weights, the
+segmentation, the number of samples and sigma; any language).  Under it each importance figure
+states the surrogate, its fidelity and, when they apply, why it explains the probability rather
+than y, and that the prediction is insensitive to the superpixels: then it shows the spread of the
+probability instead of ranking superpixels.
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,11 +16,12 @@ import numpy as np
 from scipy import ndimage
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from skimage.segmentation import mark_boundaries
 
 from pipelines.files import atomic_path
 
-from .core import Explanation
+from .core import Explanation, pixel_overlap
 
 FOR_COLOUR = np.array([0.1, 0.85, 0.2])
 AGAINST_COLOUR = np.array([0.95, 0.15, 0.1])
@@ -98,17 +103,49 @@ def plot_perturbations(explanation: Explanation, class_names: Sequence[str], tit
     return save_figure(figure, path)
 
 
-def _explanation_note(explanation: Explanation) -> str:
-    score = "n/a" if explanation.score is None else f"{explanation.score:.3f}"
-    note = f"{explanation.kind}, fit score {score}, y=1 for {explanation.y.mean():.0%} of samples"
-    if explanation.single_class:
-        note += f"\nSINGLE CLASS: {explanation.reason}"
-    return note
+def explanation_note(explanation: Explanation, width: int = 160) -> str:
+    """The surrogate, its fidelity, y's balance and the decision rule; then, on lines of their own,
+    why the probability is explained instead of y, and that the prediction is insensitive; each
+    statement wrapped at ``width`` characters."""
+    fidelity = "undefined" if explanation.fidelity is None else f"{explanation.fidelity:.3f}"
+    lines = [f"{explanation.kind} on the {explanation.target}, {explanation.fidelity_metric} {fidelity}; "
+             f"y=1 for {explanation.y.mean():.1%} of samples (decision: {explanation.decision})"]
+    if explanation.fallback_reason:
+        lines.append(f"PROBABILITY SURROGATE: {explanation.fallback_reason}")
+    if explanation.insensitive:
+        lines.append(f"INSENSITIVE: {explanation.insensitive_reason}")
+    return "\n".join(textwrap.fill(line, width) for line in lines)
+
+
+def _show_probability_spread(axes, explanation: Explanation) -> None:
+    """Histogram of the explained probability over the perturbed images, the control marked."""
+    axes.hist(explanation.probabilities[1:], bins=30, color="tab:gray")
+    axes.axvline(explanation.control_probability, color="tab:blue", label="control image")
+    axes.xaxis.set_major_locator(MaxNLocator(4))
+    axes.set_xlabel(f"P(class {explanation.label}) on the perturbed images")
+    axes.set_ylabel("perturbed images")
+    axes.legend(fontsize=8)
+
+
+def plot_insensitive(explanation: Explanation, title: str, path: str | Path) -> Path:
+    """The input with its superpixels and the spread of the explained probability: no ranking."""
+    figure = Figure(figsize=(11, 5.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.imshow(mark_boundaries(explanation.image, explanation.segments, color=(1, 1, 0)))
+    left.set_title("input and superpixels")
+    _clean(left)
+    _show_probability_spread(right, explanation)
+    right.set_title("the prediction is insensitive to the superpixels: none is ranked", fontsize=9)
+    figure.suptitle(f"{title}\n{explanation_note(explanation, 110)}", fontsize=9)
+    return save_figure(figure, path)
 
 
 def plot_importance(explanation: Explanation, k: int, title: str, path: str | Path) -> Path:
     """Input with boundaries, the k superpixels most in favour (green), the k most against (red),
-    every coefficient painted on its superpixel, and the ranked coefficients as bars."""
+    every coefficient painted on its superpixel, and the ranked coefficients as bars; for an
+    insensitive prediction ``plot_insensitive`` instead."""
+    if explanation.insensitive:
+        return plot_insensitive(explanation, title, path)
     figure = Figure(figsize=(17, 7.4))
     grid = figure.add_gridspec(2, 4, height_ratios=(3, 1.3))
     image, segments = explanation.image, explanation.segments
@@ -132,23 +169,31 @@ def plot_importance(explanation: Explanation, k: int, title: str, path: str | Pa
     bars.axhline(0, color="black", linewidth=0.6)
     bars.set_xlabel("superpixel (ranked)")
     bars.set_ylabel("coefficient")
-    figure.suptitle(f"{title}\n{_explanation_note(explanation)}", fontsize=9)
+    figure.suptitle(f"{title}\n{explanation_note(explanation)}", fontsize=9)
     return save_figure(figure, path)
 
 
-def top_k_overlap(first: Explanation, second: Explanation, k: int) -> float:
-    """Jaccard index of the two explanations' top-k superpixels in favour (1 when both are empty)."""
+def top_k_overlap(first: Explanation, second: Explanation, k: int) -> float | None:
+    """Jaccard index of two explanations' top-k superpixels in favour on the same segmentation (1
+    when both are empty; None when the prediction is insensitive: nothing is ranked)."""
+    if first.insensitive or second.insensitive:
+        return None
     a, b = set(first.top(k).tolist()), set(second.top(k).tolist())
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def _overlap_text(value: float | None) -> str:
+    return "n/a (insensitive)" if value is None else f"{value:.2f}"
+
+
 def plot_grid(explanations: Mapping[tuple[str, str], Explanation], k: int, title: str, path: str | Path) -> Path:
     """One row per segmentation, one column per explanation family: the top k superpixels in
-    favour, with the fit score and, from the second family on, the Jaccard overlap of its top k
-    with the first family's."""
+    favour with each surrogate's note; from the second family on, the Jaccard overlap of its top k
+    superpixels with the first family's, and from the second segmentation on, the Jaccard overlap
+    of the pixels its top k cover with those of the same family on the first segmentation."""
     segmentations = list(dict.fromkeys(key[0] for key in explanations))
     families = list(dict.fromkeys(key[1] for key in explanations))
-    figure = Figure(figsize=(4.4 * len(families) + 4.4, 4.6 * len(segmentations)))
+    figure = Figure(figsize=(5.2 * len(families) + 4.4, 5.6 * len(segmentations)), layout="constrained")
     axes = np.atleast_2d(figure.subplots(len(segmentations), len(families) + 1, squeeze=False))
     for row, segmentation in enumerate(segmentations):
         any_explanation = next(e for key, e in explanations.items() if key[0] == segmentation)
@@ -158,13 +203,18 @@ def plot_grid(explanations: Mapping[tuple[str, str], Explanation], k: int, title
             explanation = explanations.get((segmentation, family))
             if explanation is None:
                 continue
-            axes[row, column].imshow(highlighted(explanation.image, explanation.segments,
-                                                 explanation.top(k), FOR_COLOUR))
-            note = f"{family}: top {k} for\n{_explanation_note(explanation)}"
-            first = explanations.get((segmentation, families[0]))
-            if column > 1 and first is not None:
-                note += f"\ntop-{k} overlap with {families[0]}: {top_k_overlap(first, explanation, k):.2f}"
-            axes[row, column].set_title(note, fontsize=8)
+            shown = [] if explanation.insensitive else explanation.top(k)
+            axes[row, column].imshow(highlighted(explanation.image, explanation.segments, shown, FOR_COLOUR))
+            heading = "insensitive: nothing ranked" if explanation.insensitive else f"top {k} for"
+            note = f"{family}: {heading}\n{explanation_note(explanation, 62)}"
+            first_family = explanations.get((segmentation, families[0]))
+            if column > 1 and first_family is not None:
+                note += f"\ntop-{k} overlap with {families[0]}: {_overlap_text(top_k_overlap(first_family, explanation, k))}"
+            first_segmentation = explanations.get((segmentations[0], family))
+            if row > 0 and first_segmentation is not None:
+                overlap = pixel_overlap(first_segmentation, explanation, k)
+                note += f"\ntop-{k} pixels shared with {segmentations[0]}: {_overlap_text(overlap)}"
+            axes[row, column].set_title(note, fontsize=7)
     for ax in axes.ravel():
         _clean(ax)
     figure.suptitle(title, fontsize=9)

@@ -32,6 +32,8 @@ from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
 from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain, noise_field
 
+from .core import ARGMAX, Decision, ThresholdDecision
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +41,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPLAIN_SIZE = 299
 """Side of the image the explainer segments and perturbs (inception_v3's input)."""
 INCEPTION_WEIGHTS = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
-RANDOM_NOTE = "RANDOM WEIGHTS (untrained): the explanation shows the mechanics only"
+DEFAULT_MODELO = Path("modelo.h5")
+"""The VGG16DWSep explained when no weights are named: train.py's default ``--weights-out``, in
+the current directory."""
+
+
+class WeightsUnavailable(FileNotFoundError):
+    """No real weights for a model that is only explained with them: the caller skips it."""
 
 
 def inception_transform() -> T.Compose:
@@ -123,7 +131,8 @@ class TorchPredictor:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A classifier ready to explain: its predictor, class names and where its weights come from."""
+    """A classifier ready to explain: its predictor, class names, where its weights come from and
+    its decision rule (the class it gives an image, from its probabilities)."""
 
     name: str
     predictor: TorchPredictor
@@ -131,10 +140,9 @@ class LoadedModel:
     weights_note: str
     crop: bool
     """Whether the explanation image is centre-cropped (inception) or squashed (VGG16DWSep)."""
-
-    @property
-    def random(self) -> bool:
-        return self.weights_note == RANDOM_NOTE
+    decision: Decision = ARGMAX
+    synthetic: bool = False
+    """Trained on synthetic data (a demonstration of the mechanics, not of the disease)."""
 
 
 def seeded_init(build, seed: int) -> nn.Module:
@@ -151,56 +159,48 @@ def inception_hub_file() -> Path:
 
 def inception_state_dict(path: str | os.PathLike[str] | None) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet inception_v3 weights from ``path``, else from torch hub's cache
-    (downloaded there when online).  FileNotFoundError saying how to get them otherwise."""
+    (downloaded there when online, as torchvision does).  ``WeightsUnavailable`` saying how to
+    get them when neither has them: inception_v3 is only explained with its ImageNet weights."""
     if path is not None:
         return read_state_dict_file(path, "inception_v3")
     cached = inception_hub_file()
     try:
         return INCEPTION_WEIGHTS.get_state_dict(progress=False, map_location="cpu", weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-        raise FileNotFoundError(
-            f"ImageNet inception_v3 weights not in torch hub's cache ({cached}) and not downloadable "
-            f"({error}); on a machine with internet download {INCEPTION_WEIGHTS.url} to {cached}, or pass "
-            f"--weights PATH, or --random-weights to run offline without them") from error
+        raise WeightsUnavailable(
+            f"no ImageNet inception_v3 weights: not in torch hub's cache ({cached}) and not downloadable "
+            f"({getattr(error, 'reason', error)}); download {INCEPTION_WEIGHTS.url} to {cached} or pass "
+            f"--weights PATH") from error
 
 
-def load_inception_v3(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
-                      seed: int = 0, amp: bool = True) -> LoadedModel:
-    """torchvision's inception_v3 with ImageNet weights (``weights`` file or the hub cache), or
-    with seeded random weights.  ``transform_input=True`` as torchvision sets for its ImageNet
-    weights: they expect Google's [-1, 1] scaling, which it derives from the ImageNet-normalised input."""
-    def build() -> nn.Module:
-        return torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
-                                               init_weights=random_weights)
-
-    if random_weights:
-        model, note = seeded_init(build, seed), RANDOM_NOTE
-        logger.warning("!! inception_v3 with %s !!", RANDOM_NOTE)
-    else:
-        state = inception_state_dict(weights)
-        model = build()
-        # keys first (torch reports a shape mismatch before them); BatchNorm's num_batches_tracked is
-        # filled in by load_state_dict for files saved before it existed
-        missing = sorted(k for k in set(model.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
-        unexpected = sorted(set(state) - set(model.state_dict()))
-        if missing or unexpected:
-            raise ValueError(f"{weights or 'the cached file'} does not hold torchvision's inception_v3 weights: "
-                             f"{len(missing)} keys missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                             f"(e.g. {unexpected[:2]})")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:  # same names, other shapes: torch's first line is only a header
-            details = "; ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
-            raise ValueError(f"{weights or 'the cached file'}: {details or error}") from None
-        note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
+def load_inception_v3(weights: str | os.PathLike[str] | None, device: torch.device, amp: bool = True) -> LoadedModel:
+    """torchvision's inception_v3 with its ImageNet weights (``weights`` file or the hub cache;
+    never random ones).  ``transform_input=True`` as torchvision sets for its ImageNet weights:
+    they expect Google's [-1, 1] scaling, which it derives from the ImageNet-normalised input."""
+    state = inception_state_dict(weights)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    # keys first (torch reports a shape mismatch before them); BatchNorm's num_batches_tracked is
+    # filled in by load_state_dict for files saved before it existed
+    missing = sorted(k for k in set(model.state_dict()) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{weights or 'the cached file'} does not hold torchvision's inception_v3 weights: "
+                         f"{len(missing)} keys missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:2]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # same names, other shapes: torch's first line is only a header
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3] if line.strip())
+        raise ValueError(f"{weights or 'the cached file'}: {details or error}") from None
+    note = f"ImageNet ({Path(weights).name if weights else 'torchvision IMAGENET1K_V1'})"
     predictor = TorchPredictor(model, device, EXPLAIN_SIZE, IMAGENET_MEAN, IMAGENET_STD, amp=amp)
     return LoadedModel("inception_v3", predictor, list(INCEPTION_WEIGHTS.meta["categories"]), note, crop=True)
 
 
 @dataclass(frozen=True)
 class BriefTraining:
-    """A handful of VGG16DWSep training steps on a tiny synthetic set: a stand-in when no
-    modelo.h5 exists, labelled as such.  Measured here: after 12 steps (or 30) from random
+    """A handful of VGG16DWSep training steps on a tiny synthetic set: what ``explain.py --demo``
+    explains without weights, labelled as such.  Measured here: after 12 steps (or 30) from random
     initialisation the outputs barely vary between images, so every perturbation keeps the class
     and the explanation falls back to near-zero probability slopes; pass a trained modelo.h5 for
     a meaningful one."""
@@ -261,30 +261,67 @@ def eval_multiplier(trained: dict, size: int, seed: int) -> tuple[float | torch.
     return None, ""
 
 
-def load_vgg16dwsep(weights: str | os.PathLike[str] | None, random_weights: bool, device: torch.device,
+def decision_from_metadata(metadata: dict, path: str | os.PathLike[str]) -> Decision:
+    """A modelo.h5's decision rule: its metadata's ``"decision": {"positive_class": 1,
+    "threshold": t}`` (class 1 when P(class 1) >= t) as a ``ThresholdDecision``; the argmax when
+    the key is absent.  ValueError naming the file for anything else under that key."""
+    rule = metadata.get("decision")
+    if rule is None:
+        return ARGMAX
+    expected = "{'positive_class': 0 or 1, 'threshold': a probability}"
+    if not isinstance(rule, dict) or set(rule) != {"positive_class", "threshold"} \
+            or not all(isinstance(rule[key], (int, float)) and not isinstance(rule[key], bool) for key in rule):
+        raise ValueError(f"{path}: metadata 'decision' must be {expected}, got {rule!r}")
+    try:
+        return ThresholdDecision(rule["positive_class"], float(rule["threshold"]))
+    except ValueError as error:
+        raise ValueError(f"{path}: metadata 'decision': {error}") from None
+
+
+def trained_on_synthetic(metadata: dict) -> bool:
+    """Whether a modelo.h5's metadata says it was trained on synthetic data (``train.py --demo``,
+    or the brief training of ``load_vgg16dwsep(..., demo=True)``)."""
+    return bool(metadata.get("synthetic_data") or metadata.get("settings", {}).get("demo"))
+
+
+def load_vgg16dwsep(weights: str | os.PathLike[str] | None, device: torch.device, *, demo: bool = False,
                     seed: int = 0, training: BriefTraining = BriefTraining(),
                     save_to: str | os.PathLike[str] | None = None, amp: bool = True) -> LoadedModel:
-    """VGG16DWSep from a ``modelo.h5`` (its inputs scaled as its evaluation images were, by its
-    ``--eval-gain`` or ``--eval-noise``: ``eval_multiplier``); with neither weights nor
-    ``random_weights``, a model briefly trained on synthetic data (``train_briefly_on_synthetic``),
-    written to ``save_to`` as a modelo.h5 when given so that a later run can pass it as ``weights``."""
-    class_names = list(SYNTHETIC_CLASSES)
-    multiplier = None
-    if weights is not None:
-        model, meta = load_modelo_h5(weights, device)
-        class_names, note = list(meta["class_names"]), f"modelo.h5 at {weights}"
-        multiplier, how = eval_multiplier(meta.get("metadata", {}).get("settings", {}), model.input_size, seed)
-        note += how
-    elif random_weights:
-        model, note = seeded_init(VGG16DWSep, seed), RANDOM_NOTE
-        logger.warning("!! VGG16DWSep with %s !!", RANDOM_NOTE)
-    else:
-        logger.warning("no --weights: training VGG16DWSep briefly on synthetic data (%d steps)", training.steps)
+    """VGG16DWSep from a ``modelo.h5`` (``weights``, else ``./modelo.h5``), with its decision rule
+    (``decision_from_metadata``) and its inputs scaled as its evaluation images were, by its
+    ``--eval-gain`` or ``--eval-noise`` (``eval_multiplier``).
+
+    A model trained on synthetic data is explained only with ``demo=True``; ``demo=True`` without
+    ``weights`` trains one briefly (``train_briefly_on_synthetic``), written to ``save_to`` as a
+    modelo.h5 when given so that a later run can pass it as ``weights``.  FileNotFoundError when
+    no weights are named, ``./modelo.h5`` is missing and ``demo`` is off."""
+    if weights is None and not demo:
+        if not DEFAULT_MODELO.is_file():
+            raise FileNotFoundError(f"no --weights and no {DEFAULT_MODELO} in {Path.cwd()}: train one with train.py, "
+                                    "pass --weights PATH, or --demo for a model trained briefly on synthetic data")
+        weights = DEFAULT_MODELO
+    if weights is None:
+        logger.warning("--demo: training VGG16DWSep briefly on synthetic data (%d steps)", training.steps)
         model, stats = train_briefly_on_synthetic(training, device, progress=True)
+        class_names = list(SYNTHETIC_CLASSES)
         note = f"briefly trained on synthetic data ({training.steps} steps, NOT a real model)"
         if save_to is not None:
             save_modelo_h5(save_to, model, class_names=class_names,
-                           metadata={"note": note, "training": asdict(training), "stats": stats})
-            logger.info("wrote %s (pass it as --weights to skip the training)", save_to)
+                           metadata={"note": note, "synthetic_data": True, "training": asdict(training),
+                                     "stats": stats})
+            logger.info("wrote %s (pass it as --weights with --demo to skip the training)", save_to)
+        predictor = TorchPredictor(model, device, model.input_size, amp=amp)
+        return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False, synthetic=True)
+    model, meta = load_modelo_h5(weights, device)
+    metadata = meta.get("metadata", {})
+    synthetic = trained_on_synthetic(metadata)
+    if synthetic and not demo:
+        raise ValueError(f"{weights} was trained on synthetic data; pass --demo to explain it anyway")
+    decision = decision_from_metadata(metadata, weights)
+    if isinstance(decision, ThresholdDecision) and meta["num_classes"] != 2:
+        raise ValueError(f"{weights}: a threshold decision needs two classes, the model has {meta['num_classes']}")
+    multiplier, how = eval_multiplier(metadata.get("settings", {}), model.input_size, seed)
+    note = f"modelo.h5 at {weights}{how}" + (" (trained on SYNTHETIC data)" if synthetic else "")
     predictor = TorchPredictor(model, device, model.input_size, amp=amp, multiplier=multiplier)
-    return LoadedModel("vgg16dwsep", predictor, class_names, note, crop=False)
+    return LoadedModel("vgg16dwsep", predictor, list(meta["class_names"]), note, crop=False, decision=decision,
+                       synthetic=synthetic)

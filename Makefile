@@ -1,5 +1,6 @@
 # make demo: set up .venv, then run the main job on the embedded default (a synthetic data set).
 # make test: set up .venv, then run the tests (the DALI CPU tests included).
+# make test-fast: the inner loop, without the slow tests and those that need ../shared/data.
 # make bench: every benchmark table on stdout (about 7 min on 2 cores); SECTIONS="transforms loaders" picks.
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not data"
 
 bench: setup
 	$(BIN)/python -m benchmarks $(if $(SECTIONS),--sections $(SECTIONS))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pipelines import imageio
+from pipelines.tables import markdown_table
 
 
 def single_thread() -> None:
@@ -89,11 +90,11 @@ def cell(key: str, value: object) -> str:
 
 
 def format_rows(title: str, rows: list[dict]) -> str:
+    """A titled Markdown table (``pipelines.tables.markdown_table``) of rows that may lack some
+    columns (an error row has no timing): every column any row has, in order of appearance, a
+    missing value or None left empty; "" for no rows."""
     if not rows:
         return ""
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has, in order of appearance
-    out = [f"\n## {title}\n", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = (r.get(k, "") for k in keys)
-        out.append("| " + " | ".join(cell(k, v) for k, v in zip(keys, cells)) + " |")
-    return "\n".join(out)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = markdown_table([{k: cell(k, r.get(k)) for k in keys} for r in rows])
+    return f"\n## {title}\n\n{table}"

@@ -28,6 +28,7 @@ from torchvision.transforms import functional as F
 
 from pipelines import imageio
 from pipelines import transforms as library
+from pipelines.tables import markdown_table
 from pipelines.transforms import (SIZE, CvRandomFlip, CvToFloat01, HwcNoiseToTensor, HwcToTensor,
                                   MultiplicativeNoise, Toolchain, draw_angle, draw_flip)
 
@@ -223,17 +224,20 @@ def decode_only_ms(files: list[str], name: str = library.DEFAULT_TOOLCHAIN) -> f
     return 1000 * (time.perf_counter() - t0) / len(files)
 
 
+def transform_table_row(r: ChainTiming) -> dict[str, str]:
+    par = "reference" if r.parity_mean is None else (
+        f"{255 * r.parity_mean:.2f} / {255 * r.parity_p99:.1f} {'ok' if r.parity_ok else 'FAIL'}")
+    return {"toolchain": r.toolchain, "decode": f"{r.steps_ms['decode']:.2f}",
+            "steps (ms, in order)": " / ".join(f"{v:.2f}" for k, v in r.steps_ms.items() if k != "decode"),
+            "total ms/img": f"{r.total_ms:.2f}", "img/s": f"{r.images_per_s:.0f}",
+            "x plain": f"{r.speedup_vs_plain:.2f}", "parity mean / p99 (x255)": par}
+
+
 def format_transform_table(rows: list[ChainTiming]) -> str:
+    """One Markdown table per data set (``pipelines.tables.markdown_table``), under a title."""
     out = []
     for ds in dict.fromkeys(r.dataset for r in rows):
         sub = [r for r in rows if r.dataset == ds]
         out.append(f"\n## transform chains on {ds} ({sub[0].images} images, 1 process, 1 thread)\n")
-        out.append("| toolchain | decode | steps (ms, in order) | total ms/img | img/s | x plain | parity mean / p99 (x255) |")
-        out.append("|---|---|---|---|---|---|---|")
-        for r in sub:
-            steps = " / ".join(f"{v:.2f}" for k, v in r.steps_ms.items() if k != "decode")
-            par = "reference" if r.parity_mean is None else (
-                f"{255 * r.parity_mean:.2f} / {255 * r.parity_p99:.1f} {'ok' if r.parity_ok else 'FAIL'}")
-            out.append(f"| {r.toolchain} | {r.steps_ms['decode']:.2f} | {steps} | {r.total_ms:.2f} | "
-                       f"{r.images_per_s:.0f} | {r.speedup_vs_plain:.2f} | {par} |")
+        out.append(markdown_table([transform_table_row(r) for r in sub]))
     return "\n".join(out)

@@ -45,14 +45,12 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListCPU
 
+from . import transforms
 from .imageio import jpeg_header
-from .transforms import check_eval_intensity, uniform_float32
+from .transforms import check_eval_gain, uniform_float32
 
 logger = logging.getLogger(__name__)
 
-MAX_ROTATION_DEG = 20.0
-FLIP_PROBABILITY = 0.5
-NOISE_RANGE = (1.2, 1.5)
 PREFETCH_QUEUE_DEPTH = 2
 READ_AHEAD = 2  # batches the feeding thread prepares beyond the one DALI asks for
 
@@ -144,19 +142,21 @@ def eval_graph(images: DataNode, device: str, gain: float = 1.0) -> DataNode:
 
 def train_graph(images: DataNode, noise: DataNode) -> DataNode:
     """Training processing of `decode_resize`'s output: /255, then per sample a horizontal
-    flip with probability 1/2, a rotation by a uniform angle in [-20, 20] degrees, and each
-    value of each of the 3 channels multiplied by its own draw from `noise` (float32 3 x H x W,
-    uniform in [1.2, 1.5]); float32 CHW. The transposition comes before the multiplication,
-    which broadcasts a grayscale file's single plane to the 3 channels."""
-    images = fn.flip(images / 255.0, horizontal=fn.random.coin_flip(probability=FLIP_PROBABILITY))
-    images = rotate_ccw(images, fn.random.uniform(range=[-MAX_ROTATION_DEG, MAX_ROTATION_DEG]))
+    flip with probability `FLIP_P`, a rotation by a uniform angle in [-`MAX_ANGLE`, `MAX_ANGLE`]
+    degrees, and each value of each of the 3 channels multiplied by its own draw from `noise`
+    (float32 3 x H x W, uniform in [`NOISE_LOW`, `NOISE_HIGH`]); float32 CHW. The parameters are
+    `pipelines.transforms`' (read when the graph is built), the torchvision chains' own. The
+    transposition comes before the multiplication, which broadcasts a grayscale file's single
+    plane to the 3 channels."""
+    images = fn.flip(images / 255.0, horizontal=fn.random.coin_flip(probability=transforms.FLIP_P))
+    images = rotate_ccw(images, fn.random.uniform(range=[-transforms.MAX_ANGLE, transforms.MAX_ANGLE]))
     return to_chw(images) * noise
 
 
 def uniform_noise(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """n x 3 x size x size float32 draws, uniform in NOISE_RANGE: the CPU's noise (numpy
-    draws it 9x faster than DALI's CPU `fn.random.uniform`; `uniform_float32` another 1.4x)."""
-    return uniform_float32(rng.bit_generator, (n, 3, size, size), *NOISE_RANGE)
+    """n x 3 x size x size float32 draws, uniform in [`NOISE_LOW`, `NOISE_HIGH`]: the CPU's noise
+    (numpy draws it 9x faster than DALI's CPU `fn.random.uniform`; `uniform_float32` another 1.4x)."""
+    return uniform_float32(rng.bit_generator, (n, 3, size, size), transforms.NOISE_LOW, transforms.NOISE_HIGH)
 
 
 @dataclass(frozen=True)
@@ -175,22 +175,18 @@ NOISE = Feed(types.FLOAT, 3, "CHW")
 
 
 def loader_graph(fed: Sequence[DataNode], *, cached: bool, augment: bool, device: str,
-                 size: int, eval_gain: float = 1.0, eval_noise: bool = False) -> DataNode:
+                 size: int, eval_gain: float = 1.0) -> DataNode:
     """The loader's processing of the external source's outputs: (encoded files, gray
-    flags) or (decoded images,), then the noise when there is noise on the CPU (training,
-    or evaluation with `eval_noise`: the training noise after the evaluation steps)."""
+    flags) or (decoded images,), then in training on the CPU the noise."""
     if cached:
         images = fed[0].gpu() if device == "gpu" else fed[0]
     else:
         images = decode_resize(fed[0], fed[1], device, size)
-    noise = None
-    if augment or eval_noise:
-        noise = fed[-1] if device == "cpu" else fn.random.uniform(
-            range=list(NOISE_RANGE), shape=[3, size, size], device=device)
-    if augment:
-        return train_graph(images, noise)
-    images = eval_graph(images, device, eval_gain)
-    return images if noise is None else images * noise
+    if not augment:
+        return eval_graph(images, device, eval_gain)
+    noise = fed[-1] if device == "cpu" else fn.random.uniform(
+        range=[transforms.NOISE_LOW, transforms.NOISE_HIGH], shape=[3, size, size], device=device)
+    return train_graph(images, noise)
 
 
 @pipeline_def(enable_conditionals=True)
@@ -452,9 +448,8 @@ class DaliLoader:
     With a `cache` (a `DecodedCache` of the same files and size) the pipeline is fed the
     cached decoded images, filled lazily where missing, and skips decoding and resizing:
     the same images, since the cache holds this loader's own decode and resize.
-    `eval_gain` multiplies the evaluation images (not the training ones), and `eval_noise`
-    multiplies them by the training noise instead, as
-    `pipelines.transforms.get_toolchain(..., eval_gain, eval_noise)` does.
+    `eval_gain` multiplies the evaluation images (not the training ones), as
+    `pipelines.transforms.get_toolchain(..., eval_gain)` does.
     The random draws come from `seed` (DALI's for flips and angles, numpy's for the
     noise on the CPU); each epoch continues the random streams, so epochs differ from each
     other but a loader built with the same seed, sampler order and epoch count repeats them.
@@ -473,17 +468,16 @@ class DaliLoader:
         seed: int = 0,
         device_id: int | None = None,
         num_threads: int = 2,
-        size: int = 224,
+        size: int = transforms.SIZE,
         cache: ImageCache | None = None,
         eval_gain: float = 1.0,
-        eval_noise: bool = False,
         read_ahead: int = READ_AHEAD,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        check_eval_intensity(eval_gain, eval_noise)
+        check_eval_gain(eval_gain)
         self.files = [str(f) for f in files]
         if cache is not None and (cache.files != self.files or cache.size != size):
             raise ValueError(
@@ -500,10 +494,9 @@ class DaliLoader:
         self.size = size
         self.cache = cache
         self.eval_gain = eval_gain
-        self.eval_noise = eval_noise
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         device = dali_device(device_id)
-        cpu_noise = (augment or eval_noise) and device == "cpu"
+        cpu_noise = augment and device == "cpu"
         noise_rng = np.random.default_rng(seed) if cpu_noise else None
         feeds = [DECODED] if cache is not None else [ENCODED, GRAY_FLAG]
         if cpu_noise:
@@ -514,7 +507,7 @@ class DaliLoader:
             feeds,
             lambda fed: loader_graph(
                 fed, cached=cache is not None, augment=augment, device=device, size=size,
-                eval_gain=eval_gain, eval_noise=eval_noise,
+                eval_gain=eval_gain,
             ),
             batch_size=batch_size,
             num_threads=num_threads,

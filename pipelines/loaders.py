@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from .data import DatasetIndex, with_transform
 from .samplers import ReplicarMuestreoDePrueba, SeededSubsetRandomSampler, ShardedSampler, split_train_val
 from .seeds import Stream, derive_seed
-from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_intensity, get_toolchain
+from .transforms import DEFAULT_TOOLCHAIN, SIZE, check_eval_gain, get_toolchain
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,11 @@ class LoaderSettings:
     rank: int = 0
     world_size: int = 1
     eval_gain: float = 1.0
-    eval_noise: bool = False
     decoded_cache: bool = False
     image_size: int = SIZE
 
     def __post_init__(self) -> None:
-        check_eval_intensity(self.eval_gain, self.eval_noise)
+        check_eval_gain(self.eval_gain)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown loader back end {self.backend!r}; choose one of {BACKENDS}")
         if self.batch_size < 1:
@@ -168,7 +167,7 @@ def cached_view(cache, targets, augment: bool, settings: LoaderSettings):
 
     from .decoded_cache import CachedImageDataset
 
-    chain = get_toolchain("cv2", settings.eval_gain, settings.eval_noise, settings.image_size)
+    chain = get_toolchain("cv2", settings.eval_gain, settings.image_size)
     steps = (chain.train if augment else chain.eval).transforms[1:]  # [0] is the resize
     return CachedImageDataset(cache, targets, Compose(steps))
 
@@ -223,13 +222,13 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
         files = [path for path, _ in dataset.samples]
         return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
                           augment=augment, seed=loader_seed(settings),
-                          eval_gain=settings.eval_gain, eval_noise=settings.eval_noise, cache=cache,
+                          eval_gain=settings.eval_gain, cache=cache,
                           device_id=(device.index or 0) if device.type == "cuda" else None,
                           num_threads=max(1, settings.num_workers), size=settings.image_size)
     if cache is not None:
         view = cached_view(cache, dataset.targets, augment, settings)
     else:
-        chain = get_toolchain(settings.toolchain, settings.eval_gain, settings.eval_noise, settings.image_size)
+        chain = get_toolchain(settings.toolchain, settings.eval_gain, settings.image_size)
         view = with_transform(dataset, chain.train if augment else chain.eval)
         view.loader = chain.loader
     return TorchvisionLoader(view, sampler, batch_size=settings.batch_size, num_workers=settings.num_workers,

@@ -197,7 +197,7 @@ def _plain(size: int = SIZE) -> Toolchain:
         "plain", "PIL full decode + torchvision transforms as listed (baseline)", imageio.load_pil,
         T.Compose([resize, T.ToTensor(), T.RandomHorizontalFlip(FLIP_P),
                    T.RandomRotation(MAX_ANGLE, interpolation=InterpolationMode.BILINEAR, fill=0),
-                   MultiplicativeNoise()]),
+                   MultiplicativeNoise(NOISE_LOW, NOISE_HIGH)]),
         T.Compose([resize, T.ToTensor()]))
 
 
@@ -206,7 +206,7 @@ def _cv2(size: int = SIZE) -> Toolchain:
         "cv2", "OpenCV IMREAD_REDUCED decode + cv2 resize/warpAffine, numpy noise seeded from torch",
         imageio.load_cv2_reduced,
         T.Compose([CvResize(size), CvToFloat01(), CvRandomFlip(), CvRandomRotate(),
-                   HwcNoiseToTensor()]),
+                   HwcNoiseToTensor(NOISE_LOW, NOISE_HIGH)]),
         T.Compose([CvResize(size), CvToFloat01(), HwcToTensor()]))
 
 
@@ -239,38 +239,24 @@ class Gain(torch.nn.Module):
 NOISE_MEAN = (NOISE_LOW + NOISE_HIGH) / 2
 
 
-def eval_intensity_label(eval_gain: float = 1.0, eval_noise: bool = False) -> str:
-    """How evaluation images are scaled after /255, in words (logs, titles)."""
-    if eval_noise:
-        return f"x U[{NOISE_LOW:g}, {NOISE_HIGH:g}] per value (--eval-noise, the training noise)"
-    return "/255 only (the brief's)" if eval_gain == 1.0 else f"x{eval_gain:g} (--eval-gain)"
-
-
-def check_eval_intensity(eval_gain: float, eval_noise: bool) -> None:
+def check_eval_gain(eval_gain: float) -> None:
     if not eval_gain > 0:
         raise ValueError(f"eval_gain must be > 0, got {eval_gain}")
-    if eval_noise and eval_gain != 1.0:
-        raise ValueError(f"choose the evaluation noise or a gain, not both (got eval_gain={eval_gain:g} "
-                         f"with eval_noise); the noise's mean already is {NOISE_MEAN:g}")
 
 
-def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, eval_noise: bool = False,
-                  size: int = SIZE) -> Toolchain:
-    """The named toolchain at ``size`` x ``size``, its evaluation transform followed by ``Gain(eval_gain)`` when
-    ``eval_gain != 1`` or by the training noise (step 5) when ``eval_noise``.
+def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, size: int = SIZE) -> Toolchain:
+    """The named toolchain at ``size`` x ``size``, its evaluation transform followed by ``Gain(eval_gain)``
+    when ``eval_gain != 1``.
 
     The brief's evaluation transform is resize and /255 only, but its training noise multiplies
-    every value by its own U[1.2, 1.5] draw, so a network sees brighter, grainier images in
-    training than in evaluation; ``eval_gain=NOISE_MEAN`` removes the brightness shift,
-    ``eval_noise=True`` removes both (README, "Train/test brightness").  Both change the
-    brief's evaluation transform and are off by default.
+    every value by its own U[1.2, 1.5] draw, so a network sees brighter images in training than
+    in evaluation; ``eval_gain=NOISE_MEAN`` removes the brightness shift (README, "Train/test
+    brightness").  It changes the brief's evaluation transform and is off by default.
     """
     if name not in TOOLCHAINS:
         raise ValueError(f"unknown toolchain {name!r}; choose one of {sorted(TOOLCHAINS)}")
-    check_eval_intensity(eval_gain, eval_noise)
+    check_eval_gain(eval_gain)
     chain = TOOLCHAINS[name](size)
-    if eval_noise:
-        return dataclasses.replace(chain, eval=T.Compose([*chain.eval.transforms, MultiplicativeNoise()]))
     if eval_gain == 1.0:
         return chain
     return dataclasses.replace(chain, eval=T.Compose([*chain.eval.transforms, Gain(eval_gain)]))

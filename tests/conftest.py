@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic image folders."""
+"""Shared fixtures: tiny synthetic image folders; the ``data`` marker's skip."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,20 @@ from pathlib import Path
 import pytest
 
 from pipelines.synthetic import make_synthetic_dataset
+
+from .helpers import missing_data
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``data`` where ../shared/data (the real images) is missing, saying which folder."""
+    missing = missing_data()
+    if missing is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs ../shared/data: {missing} is missing")
+    for item in items:
+        if item.get_closest_marker("data"):
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -13,10 +13,16 @@ FULLRES = SHARED_DATA / "chest_xray_fullres"
 SMALL_224 = SHARED_DATA / "chest_xray_224"
 
 
+def missing_data() -> Path | None:
+    """The first folder of ../shared/data that the ``data`` tests read and that is missing, or None."""
+    return next((folder for folder in (FULLRES, SMALL_224) if not folder.is_dir()), None)
+
+
 def real_files(folder: Path, n: int | None = None, step: int = 1) -> list[str]:
-    """Sorted JPEGs under ``folder`` (every ``step``-th, at most ``n``); fails if the data is missing."""
+    """Sorted JPEGs under ``folder`` (every ``step``-th, at most ``n``).  A test calling it is marked
+    ``data`` (tests/conftest.py skips those without the data); an unmarked one fails here instead."""
     if not folder.is_dir():
-        pytest.fail(f"real data missing: {folder} (the tests expect ../shared/data beside the project)")
+        pytest.fail(f"real data missing: {folder} (mark the test @pytest.mark.data)")
     files = sorted(str(p) for p in folder.rglob("*.jpeg"))[::step]
     return files[:n] if n else files
 

@@ -22,6 +22,7 @@ def batches(n: int, size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.rand(size, 3, 224, 224, generator=g), torch.randint(0, 2, (size,), generator=g)) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_timed_training_trains_every_batch_and_times_those_after_warmup():
     model, optimizer = training_setup(CPU)
     opts = precision_options(CPU, use_amp=False)
@@ -43,6 +44,8 @@ def test_timed_training_trains_every_batch_and_times_those_after_warmup():
         bt.timed_training(model, optimizer, batches(2), CPU, warmup=0, steps=1, opts=opts)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_training_fed_by_each_loader_on_real_files():
     files = real_files(FULLRES, 3)
     rows = bt.bench_training_feed(files, batch_size=2, steps=2, workers=1, device=CPU, warmup=1)
@@ -56,6 +59,7 @@ def test_training_fed_by_each_loader_on_real_files():
     assert rows[1]["x_resident"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
 
 
+@pytest.mark.slow
 def test_a_failing_feed_is_reported_and_the_others_measured(monkeypatch):
     def working(files, order, batch_size):
         assert len(order) == 3 * batch_size  # 1 timed step + 2 untimed (what one worker holds ready), no more
@@ -76,8 +80,11 @@ def test_a_failing_feed_is_reported_and_the_others_measured(monkeypatch):
 
 def test_bench_refuses_a_missing_cuda_before_measuring_anything(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for folder in ("chest_xray_fullres", "chest_xray_224"):  # data folders to find, with nothing to measure
+        (tmp_path / folder).mkdir()
     out = tmp_path / "b.json"
-    assert bench.main(["--sections", "transforms", "training", "--device", "cuda", "--json", str(out)]) == 2
+    assert bench.main(["--data", str(tmp_path), "--sections", "transforms", "training", "--device", "cuda",
+                       "--json", str(out)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err and not out.exists()
 
 
@@ -93,6 +100,7 @@ def test_bench_refuses_counts_out_of_range_before_measuring(argv, fragment, caps
     assert stop.value.code == 2 and fragment in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_deferred_loss_check_gets_a_per_step_row_beside_it(monkeypatch):
     """Where the loop reads its loss every k > 1 batches (a GPU's default), the resident batches are also
     trained reading it every batch, so the device check measures what the per-step wait costs."""

@@ -24,12 +24,13 @@ from torch.utils.data import SubsetRandomSampler  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
 import pipelines.dali as dali  # noqa: E402
+from pipelines import transforms  # noqa: E402
 from pipelines.dali import DaliLoader, ImageDecodeError, rotate_ccw  # noqa: E402
 from pipelines.decoded_cache import DecodedCache  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FULLRES = DATA / "chest_xray_fullres"
-SMALL = DATA / "chest_xray_224"
+from .helpers import FULLRES, SMALL_224 as SMALL  # noqa: E402
+
+
 SIZE = 224
 N_INDEX_FILES = 37
 def requires_cuda(test):
@@ -187,32 +188,6 @@ def test_eval_gain_scales_evaluation_images_only(images, augment):
         epoch(0.0)
 
 
-@pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("augment", [False, True])
-def test_eval_noise_gives_evaluation_images_the_training_noise(images, augment, cached):
-    files = images["index"][:5]
-    cache = DecodedCache(files) if cached else None
-
-    def epoch(noise: bool, seed: int = 1) -> torch.Tensor:
-        loader = index_loader(files, range(5), augment=augment, seed=seed, eval_noise=noise,
-                              cache=cache)
-        return collect(loader)[0]
-
-    plain, noisy = epoch(False), epoch(True)
-    if augment:
-        assert torch.equal(noisy, plain)
-        return
-    ratio = noisy / plain  # the constant files are > 0 everywhere
-    assert ratio.min() >= 1.2 - 1e-5 and ratio.max() <= 1.5 + 1e-5
-    assert abs(float(ratio.mean()) - 1.35) < 0.002  # 750k values, sd 0.087
-    # every value its own draw: different across the channels of a grayscale-looking file
-    assert float((ratio[:, 0] - ratio[:, 1]).abs().mean()) > 0.05
-    assert torch.equal(epoch(True), noisy) and not torch.equal(epoch(True, seed=2), noisy)
-    with pytest.raises(ValueError, match="not both"):
-        DaliLoader(images["index"], [0] * len(images["index"]), range(1), augment=False,
-                   eval_gain=1.35, eval_noise=True)
-
-
 def test_mismatched_labels_rejected(images):
     with pytest.raises(ValueError, match="labels"):
         DaliLoader(images["index"], [0], range(1), augment=False)
@@ -359,6 +334,41 @@ def test_flip_rate_and_angle_spread(images, cached):
     assert abs(angles.mean()) < 2.5
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for a test of many small per-image steps (on busy cores its pool makes
+    torchvision's chain twenty times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_both_back_ends_take_the_augmentation_parameters_from_pipelines_transforms(images, monkeypatch,
+                                                                                   one_torch_thread):
+    """One definition of the training transform's parameters, in pipelines.transforms: changed there
+    (always flip, angles within 5 degrees, the noise a constant 1.25), the DALI graph and both
+    torchvision chains follow, so neither keeps a copy of its own."""
+    monkeypatch.setattr(transforms, "FLIP_P", 1.0)
+    monkeypatch.setattr(transforms, "MAX_ANGLE", 5.0)
+    monkeypatch.setattr(transforms, "NOISE_LOW", 1.25)
+    monkeypatch.setattr(transforms, "NOISE_HIGH", 1.25)
+    n = 32
+    dali_batch = collect(DaliLoader([images["bar"]], [0], [0] * n, batch_size=16, augment=True, seed=3))[0]
+    torch.manual_seed(3)
+    chains = {name: transforms.get_toolchain(name) for name in ("cv2", "plain")}
+    batches = {"DALI": dali_batch} | {
+        name: torch.stack([chain.train(chain.loader(images["bar"])) for _ in range(n)]) for name, chain in chains.items()}
+    for name, x in batches.items():
+        geometry = [bar_geometry(image / 1.25) for image in x]
+        assert all(flipped for flipped, _ in geometry), name
+        angles = np.array([angle for _, angle in geometry])
+        assert np.abs(angles).max() <= 5.5 and angles.std() > 1.0, (name, angles)
+        assert abs(float(x.max()) - 1.25) < 0.01, name  # the bar's 255, times the one noise value
+        bar = x[:, 0] > 0.9
+        assert torch.allclose(x[:, 0][bar], x[:, 1][bar]) and torch.allclose(x[:, 1][bar], x[:, 2][bar]), name
+
+
 @pytest.mark.parametrize(
     "kind, cached", [("white", False), ("white_gray", False), ("white_gray", True)]
 )
@@ -403,6 +413,7 @@ def real_files() -> list[str]:
     return [str(p) for p in fullres + small]
 
 
+@pytest.mark.data
 def test_real_files_eval_close_to_pil_and_grayscale_gives_equal_channels():
     """Decoding matches PIL exactly on these files; the difference is the resize (DALI's
     antialiased linear vs PIL's BILINEAR): identity on 224 files, mean < 0.002 on fullres."""
@@ -420,6 +431,7 @@ def test_real_files_eval_close_to_pil_and_grayscale_gives_equal_channels():
             assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]), path
 
 
+@pytest.mark.data
 def test_real_files_train_range():
     files = real_files()
     x, _, _ = collect(DaliLoader(files, [0] * len(files), range(len(files)), augment=True))
@@ -428,6 +440,7 @@ def test_real_files_train_range():
     assert x.max() > 1.0  # the noise multiplies by at least 1.2
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("augment", [False, True])
 def test_grayscale_files_as_one_plane_give_the_rgb_decodes_output_exactly(monkeypatch, augment):
     """Grayscale files go through decode, resize, flip and rotation as one plane; decoding
@@ -486,7 +499,7 @@ def test_missing_file_raises_file_not_found_naming_it(images, tmp_path):
 # ----- GPU -------------------------------------------------------------------------------
 
 
-def traced_gpu_graph(cached: bool, augment: bool, eval_noise: bool = False) -> tuple[list, object]:
+def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
     """The loader's GPU graph, traced in Python without a GPU: the ops (name, device, inputs'
     devices) and the output node. Building it would need CUDA; tracing it does not.
     ``Pipeline._build_graph`` is DALI 2.4's private step between the definition and the
@@ -494,8 +507,7 @@ def traced_gpu_graph(cached: bool, augment: bool, eval_noise: bool = False) -> t
     feeds = [dali.DECODED] if cached else [dali.ENCODED, dali.GRAY_FLAG]
     pipe = dali.fed_pipeline(
         dali._EpochSource(lambda indices: ()), feeds,
-        lambda fed: dali.loader_graph(fed, cached=cached, augment=augment, device="gpu", size=SIZE,
-                                      eval_noise=eval_noise),
+        lambda fed: dali.loader_graph(fed, cached=cached, augment=augment, device="gpu", size=SIZE),
         batch_size=4, num_threads=1, device_id=0, seed=0,
     )
     pipe._build_graph()
@@ -504,8 +516,8 @@ def traced_gpu_graph(cached: bool, augment: bool, eval_noise: bool = False) -> t
 
 
 @pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("augment,eval_noise", [(False, False), (False, True), (True, False)])
-def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augment, eval_noise):
+@pytest.mark.parametrize("augment", [False, True])
+def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augment):
     """The GPU graph cannot run in CI, but its Python side (conditional split/merge around the
     mixed decoders, GPU noise, cache fed through .gpu()) is traced here, and each op must exist
     in DALI's registry for the device it was placed on."""
@@ -513,7 +525,7 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
 
     registered = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()),
                   "mixed": set(_registry.mixed_ops())}
-    ops, output = traced_gpu_graph(cached, augment, eval_noise)
+    ops, output = traced_gpu_graph(cached, augment)
     assert output.device == "gpu"
     for name, device, _inputs in ops:
         assert name in registered[device] or f"_{name}" in registered[device], (name, device)
@@ -527,9 +539,7 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
     assert all(devices[name] == "gpu" for name in expected_gpu), devices
     arithmetic = [(d, inputs) for n, d, inputs in ops if n == "_ArithmeticGenericOp"]
     assert arithmetic and all(d == "gpu" and set(inputs) == {"gpu"} for d, inputs in arithmetic), arithmetic
-    if eval_noise:  # /255, then x noise drawn on the GPU
-        assert [d for n, d, _ in ops if n == "random__Uniform"] == ["gpu"] and len(arithmetic) == 2
-    elif not augment:
+    if not augment:
         assert "random__Uniform" not in devices
     if augment:  # the random arguments of flip and rotate stay on the CPU, as DALI requires
         assert devices["random__CoinFlip"] == "cpu"
@@ -552,6 +562,7 @@ def test_gpu_outputs_on_device_with_partial_batch(images, augment):
         assert 0 <= x.min() and x.max() <= (1.5 if augment else 1.0) + 1e-6
 
 
+@pytest.mark.data
 @requires_cuda
 def test_gpu_eval_close_to_cpu_eval():
     files = real_files()

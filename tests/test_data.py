@@ -100,6 +100,7 @@ def test_every_mode_comes_out_as_rgb8(tmp_path, loader):
         assert np.abs(arr.astype(int) - arr[..., :1]).max() <= 12, mode
 
 
+@pytest.mark.data
 def test_jpeg_header_matches_pil():
     for path in real_files(FULLRES, n=20, step=8):
         with Image.open(path) as img:
@@ -107,6 +108,7 @@ def test_jpeg_header_matches_pil():
         assert imageio.jpeg_header(np.fromfile(path, dtype=np.uint8)) == expected
 
 
+@pytest.mark.slow
 def test_check_data_cli(bad_folder, tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--data-dir", str(bad_folder), "--check-data"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

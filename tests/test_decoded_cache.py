@@ -58,6 +58,7 @@ def fullres_sample() -> list[str]:
     return every_10th + [f for f in real_files() if "chest_xray_fullres" in f]
 
 
+@pytest.mark.data
 def test_rgb_jpegs_of_gray_content_cached_as_one_plane(index_files):
     """The RGB JPEGs of chest_xray_224 and of the fullres set hold gray content (equal
     decoded channels): one plane each; a tinted file keeps three."""
@@ -105,6 +106,7 @@ def test_cached_loader_delivers_sampler_order_duplicates_and_partial_batch(index
         assert grey.tolist() == [index_value(i) for i in order]
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("augment", [False, True])
 def test_cached_batches_equal_uncached_ones_on_real_files(augment):
     """Fullres files (grayscale, progressive, RGB) and 224 ones (RGB of gray content,
@@ -124,6 +126,7 @@ def test_cached_batches_equal_uncached_ones_on_real_files(augment):
     assert torch.equal(cached[0], cached[1]) == (not augment)  # new draws each epoch
 
 
+@pytest.mark.data
 def test_cache_closer_to_pil_than_the_opencv_reduced_decoder():
     """Why the cache decodes with DALI: against PIL decode + bilinear resize, DALI's
     decode and antialiased resize differ by 0.09 / 255 on average over the 160 fullres
@@ -175,6 +178,7 @@ def test_torchvision_chain_over_the_cache(index_files):
         assert not torch.equal(x[0], x[1])
 
 
+@pytest.mark.data
 @pytest.mark.timeout(180)
 def test_bench_rows_and_dataloader_workers_forked_after_dali():
     """The rows benchmarks.loaders.bench_loaders expects; the torchvision row forks a DataLoader worker after
@@ -190,6 +194,7 @@ def test_bench_rows_and_dataloader_workers_forked_after_dali():
     assert [r["images"] for r in rows] == [6, 12, 12, 12]
 
 
+@pytest.mark.data
 @requires_cuda
 def test_gpu_cached_loader_on_device_and_eval_equal_to_cpu():
     """From the cache the GPU eval graph only transposes and divides, so it matches the

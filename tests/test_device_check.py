@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-STEPS = ["smoke", "count_params", "bench", "feed", "train", "eval_noise", "eval_brief_transform", "lime"]
+from .helpers import ROOT, SHARED_DATA as DATA
+
+STEPS = ["smoke", "count_params", "bench", "feed", "train", "eval_only", "lime"]
 #: what comes back from the device machine (at most 8 files)
 RETURNED = {"summary.txt", "bench.json", "feed.json", "metrics.json", "log.jsonl", "learning_curves.png",
             "confusion_matrix.png", "logs.tgz"}
@@ -60,7 +60,8 @@ def test_gpu_bench_gives_every_loader_enough_timed_batches() -> None:
     assert 2 * 16 / int(feed["train-steps"]) <= 0.15, feed
 
 
-@pytest.mark.skipif(not (DATA / "chest_xray_fullres").is_dir(), reason="needs ../shared/data")
+@pytest.mark.slow
+@pytest.mark.data
 def test_staged_device_data_fits_one_call(tmp_path: Path) -> None:
     dest = tmp_path / "data"
     done = subprocess.run(["bash", "scripts/stage_device_data.sh"], cwd=ROOT, capture_output=True, text=True,
@@ -81,8 +82,9 @@ def test_staged_device_data_fits_one_call(tmp_path: Path) -> None:
     assert tight.returncode == 1 and "too big to carry" in tight.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(not (DATA / "chest_xray_224").is_dir(), reason="needs ../shared/data")
+@pytest.mark.data
 def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) -> None:
     out = tmp_path / "dc"
     env = os.environ | {"DEVICE_CHECK_CPU": "1", "OUT": str(out), "DATA": str(DATA)}
@@ -93,16 +95,13 @@ def test_cpu_part_runs_every_step_and_returns_at_most_8_files(tmp_path: Path) ->
     codes = dict(re.findall(r"^\((\w+): rc=(\d+),", summary, flags=re.M))
     assert list(codes) == STEPS, summary
     assert all(rc == "0" for rc in codes.values()), summary
-    assert "ms/image" in summary and re.search(r"^8 +\| ", summary, re.M), summary  # LIME's table comes back
+    assert "ms/image" in summary and re.search(r"^\| 8 \| ", summary, re.M), summary  # LIME's table comes back
     assert {p.name for p in out.iterdir()} == RETURNED  # at most 8 come back
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval_gain"] == 1.35 and metrics["eval_noise"] is False  # what the GPU run trains with
-    assert metrics["bn_recalibrate"] == 1600
+    assert metrics["recipe"] == "default"  # what the GPU run trains with
     with tarfile.open(out / "logs.tgz") as logs:
-        evals = {name: json.loads(logs.extractfile(f"./{name}.log").read().decode().strip().splitlines()[-1])
-                 for name in ("eval_noise", "eval_brief_transform")}
-    assert {name: (e["eval_gain"], e["eval_noise"], e["bn_recalibrate"]) for name, e in evals.items()} == {
-        "eval_noise": (1.0, True, 32), "eval_brief_transform": (1.0, False, 32)}
+        evaluated = json.loads(logs.extractfile("./eval_only.log").read().decode().strip().splitlines()[-1])
+    assert evaluated["decision"] == metrics["decision"]  # --eval-only applies the stored rule
     bench = json.loads((out / "bench.json").read_text())
     assert any("DALI CPU" in json.dumps(row) for row in bench.get("loaders", bench))
     feed = json.loads((out / "feed.json").read_text())["training"]
@@ -151,8 +150,8 @@ def test_a_failed_dali_training_leaves_its_time_to_torchvision(tmp_path: Path) -
     assert trains[0].replace("--loader dali", "--loader torchvision") == trains[1]  # same run otherwise
     assert "(train: rc=1," in summary and "(train_torchvision: rc=0," in summary, summary
     assert "./train_dali_epochs.log" in logs and "./train.log" in logs  # the failure travels back
-    noise_eval = next(c for c in calls if "--eval-noise" in c)
-    assert "--loader torchvision" in noise_eval  # the weights it evaluates came from torchvision
+    evaluation = next(c for c in calls if "--eval-only" in c)
+    assert "--loader torchvision" in evaluation  # the weights it evaluates came from torchvision
 
 
 
@@ -162,10 +161,11 @@ def test_a_failed_smoke_check_trains_with_torchvision_from_the_start(tmp_path: P
     assert len(trains) == 1 and "--loader torchvision" in trains[0], trains
     assert "(smoke: rc=1," in summary and "DALI smoke check failed" in summary, summary
     assert "FAILED: order and batches" in summary  # why, in the summary that comes back
-    assert "--loader torchvision" in next(c for c in calls if "--eval-noise" in c)
+    assert "--loader torchvision" in next(c for c in calls if "--eval-only" in c)
     assert any("dali_gpu_smoke.py" in c and "--cpu" in c for c in calls)
 
 
+@pytest.mark.slow
 def test_a_short_budget_skips_the_last_steps_and_still_packs_the_results(tmp_path: Path) -> None:
     """BUDGET 18 s: the smoke check runs, counting parameters (5 s here) gets at most what is left, and
     every later step is skipped once under 15 s remain; the summary and logs still come back."""
@@ -178,6 +178,7 @@ def test_a_short_budget_skips_the_last_steps_and_still_packs_the_results(tmp_pat
     assert "./count_params.log" in logs
 
 
+@pytest.mark.slow
 def test_a_dali_training_stopped_by_the_budget_is_not_a_failure(tmp_path: Path) -> None:
     """DALI training capped by BUDGET and stopped at its limit was training, not failing: no torchvision
     run in time that is not there, and its epochs are kept (they come back as log.jsonl)."""

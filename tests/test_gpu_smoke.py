@@ -16,6 +16,7 @@ def smoke():
     return load_script("dali_gpu_smoke")
 
 
+@pytest.mark.data
 def test_every_check_passes_on_the_cpu(smoke, tmp_path, capsys):
     out = tmp_path / "smoke.json"
     assert smoke.main(["--cpu", "--data", str(SHARED_DATA), "--json", str(out)]) == 0
@@ -46,6 +47,7 @@ def broken_loader(smoke, how: str):
     return Broken
 
 
+@pytest.mark.data
 @pytest.mark.parametrize(("how", "failing"), [("drop partial", "every file once"),
                                               ("labels", "every file once"),
                                               ("duplicates", "order and batches"),

@@ -24,6 +24,7 @@ def asymmetric_image(h: int = 224, w: int = 224) -> np.ndarray:
     return arr
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("name", CHAINS)
 def test_chain_shapes_dtype_range_and_seed(name):
     chain = get_chain(name)
@@ -42,6 +43,7 @@ def test_chain_shapes_dtype_range_and_seed(name):
     assert 0.0 <= float(e.min()) and float(e.max()) <= 1.0 and float(e.max()) > 0.5
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("name", ["pil_draft", "cv2"])
 def test_downscaling_decoders_match_plain_resize(name):
     """The decoder tricks are only allowed within the benchmark's stated tolerance."""
@@ -49,6 +51,7 @@ def test_downscaling_decoders_match_plain_resize(name):
     assert mean <= PARITY_MEAN_TOL and p99 <= PARITY_P99_TOL, (mean * 255, p99 * 255)
 
 
+@pytest.mark.data
 def test_224_files_decode_the_same_in_every_chain():
     for path in real_files(SMALL_224 / "train", n=5, step=500):
         ref = get_toolchain("plain").eval(get_toolchain("plain").loader(path))
@@ -57,6 +60,7 @@ def test_224_files_decode_the_same_in_every_chain():
             assert torch.allclose(chain.eval(chain.loader(path)), ref, atol=2 / 255), name
 
 
+@pytest.mark.data
 def test_grayscale_shared_plane_is_exact():
     """Working on one plane of a grayscale image gives what the 3-channel path gives."""
     chain = get_toolchain("cv2")
@@ -71,6 +75,7 @@ def test_grayscale_shared_plane_is_exact():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.data
 def test_rgb_jpeg_of_gray_content_becomes_one_plane_and_colour_stays_three(tmp_path):
     import cv2
 
@@ -160,6 +165,7 @@ def test_unknown_toolchain():
     assert set(transforms.TOOLCHAINS) == {"plain", "cv2"} < set(TOOLCHAINS)
 
 
+@pytest.mark.data
 def test_eval_gain_scales_only_the_evaluation_transform():
     path = real_files(FULLRES, n=1)[0]
     plain, gained = get_toolchain("cv2"), get_toolchain("cv2", eval_gain=transforms.NOISE_MEAN)
@@ -171,28 +177,3 @@ def test_eval_gain_scales_only_the_evaluation_transform():
     assert torch.equal(gained.train(gained.loader(path)), a)
     with pytest.raises(ValueError):
         get_toolchain(eval_gain=0)
-
-
-@pytest.mark.parametrize("name", ["cv2", "plain"])
-def test_eval_noise_multiplies_each_evaluation_value_by_its_own_training_draw(name):
-    path = real_files(FULLRES, n=1)[0]
-    plain, noisy = get_toolchain(name), get_toolchain(name, eval_noise=True)
-    x = plain.eval(plain.loader(path))
-    torch.manual_seed(0)
-    y = noisy.eval(noisy.loader(path))
-    lit = x > 0.05
-    ratio = y[lit] / x[lit]
-    assert ratio.min() >= transforms.NOISE_LOW - 1e-6 and ratio.max() <= transforms.NOISE_HIGH + 1e-6
-    assert abs(float(ratio.mean()) - transforms.NOISE_MEAN) < 0.005  # ~10^5 values, sd 0.087
-    assert float((ratio[1:] - ratio[:-1]).abs().mean()) > 0.05  # its own draw per value, not one gain
-    torch.manual_seed(0)
-    assert torch.equal(noisy.eval(noisy.loader(path)), y)  # torch's seed fixes it
-    torch.manual_seed(0)
-    a = plain.train(plain.loader(path))
-    torch.manual_seed(0)
-    assert torch.equal(noisy.train(noisy.loader(path)), a)  # training transform untouched
-
-
-def test_eval_noise_and_gain_are_exclusive():
-    with pytest.raises(ValueError, match="not both"):
-        get_toolchain(eval_gain=1.35, eval_noise=True)

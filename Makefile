@@ -1,4 +1,4 @@
-# make demo: set up .venv, then run the main job on the embedded default (a synthetic data set).
+# make demo: set up .venv, then train 6 epochs on a generated synthetic set and test it (the whole pipeline, no real data).
 # make test: set up .venv, then run the tests (the DALI CPU tests included).
 # make test-fast: the inner loop, without the slow tests and those that need ../shared/data.
 # make bench: every benchmark table on stdout (about 7 min on 2 cores); SECTIONS="transforms loaders" picks.
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python train.py --demo --no-pretrained --epochs 2 --tta 4 --out $(DEMO) --weights-out $(DEMO)/modelo.h5
+	$(BIN)/python train.py --demo --no-pretrained --epochs 6 --tta 4 --out $(DEMO) --weights-out $(DEMO)/modelo.h5
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.config import DECISIONS, EVAL_TRANSFORMS, LOADERS, MONITORS, RECIPES, RunConfig
+from models.config import DECISIONS, EVAL_TRANSFORMS, LOADERS, RECIPES, RunConfig
 
 logger = logging.getLogger("train")
 
@@ -38,12 +38,6 @@ class _TtaCopies(argparse.Action):
             print("note: --tta with no number turns test-time augmentation off (the same as --no-tta)",
                   file=sys.stderr)
         setattr(namespace, self.dest, values)
-
-
-def _on_off(value: str) -> bool:
-    if value not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-    return value == "on"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,14 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     lever = p.add_argument_group("levers (each overrides the recipe; see RESULTS.md for what validation chose)")
     lever.add_argument("--eval-transform", choices=EVAL_TRANSFORMS,
-                       help="validation/test images: brief = the training Compose, seeded; gain = x1.35; plain = /255")
+                       help="validation/test images: brief = the training Compose, seeded; gain = /255 then x1.35")
     lever.add_argument("--decision", choices=DECISIONS,
                        help="argmax, or a threshold on P(PNEUMONIA) chosen on the replicated validation set")
-    lever.add_argument("--class-weights", type=_on_off, metavar="on|off",
-                       help="weight the loss by test prior / training prior")
-    lever.add_argument("--train-first-convs", type=_on_off, metavar="on|off",
-                       help="train the first two convolutions instead of freezing them")
-    lever.add_argument("--monitor", choices=MONITORS, help="what picks the best epoch and drives early stopping")
     exp = p.add_argument_group("experimental")
     exp.add_argument("--train-subset", type=int, metavar="N", help="train on a stratified N images (validation N/4)")
     exp.add_argument("--image-size", type=int, default=defaults.image_size,
@@ -134,8 +123,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pretrained=not args.no_pretrained, vgg16_weights=args.vgg16_weights, train_subset=args.train_subset,
         image_size=args.image_size, tta=tuple(args.tta), amp=not args.no_amp, demo=args.demo,
         decoded_cache=args.decoded_cache, compare_eval=args.compare_eval, skip_test=args.skip_test, eval_transform=args.eval_transform,
-        decision=args.decision, class_weights=args.class_weights, train_first_convs=args.train_first_convs,
-        monitor=args.monitor)
+        decision=args.decision)
 
 
 def check_data(data_dir: str | Path, seed: int) -> int:

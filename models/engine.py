@@ -146,9 +146,8 @@ def train_one_epoch(
     progress: bool = True,
     max_batches: int | None = None,
     check_every: int | None = None,
-    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy training (weighted per class by ``class_weights``, C floats, when given); returns ``TRAIN_KEYS`` (loss and accuracy averaged
+    """One pass of cross-entropy training; returns ``TRAIN_KEYS`` (loss and accuracy averaged
     per image, throughput in images per second).
 
     ``amp_dtype`` runs the forward pass under ``torch.autocast`` (bfloat16: float16 would need
@@ -169,7 +168,6 @@ def train_one_epoch(
     loss_sum, images_seen, checked = 0.0, 0, 0
     pending: list[tuple[torch.Tensor, int]] = []  # (loss, batch size) of the batches not read yet
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
     start = time.perf_counter()
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
 
@@ -187,7 +185,7 @@ def train_one_epoch(
     for images, labels in bar:
         with autocast(device, amp_dtype):
             logits = model(_prepare(images, channels_last))
-        loss = F.cross_entropy(logits.float(), labels, weight=weight)
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         batch_size = labels.shape[0]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.config import EVAL_TRANSFORMS, RunConfig
+from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig
 from models.early_stopping import EarlyStopping
 from models.engine import (bootstrap_intervals, choose_threshold, classification_metrics, cross_fitted_metrics,
                            plot_confusion_matrix, plot_learning_curves, precision_label, precision_options, predict,
@@ -91,7 +91,7 @@ def seeded_predict(model, loader, device, total: int, seed: int, **opts) -> tupl
 
 def build_model(config: RunConfig, device: torch.device) -> VGG16DWSep:
     """VGG16DWSep with its first two convolutions from ImageNet VGG16 (or random without the
-    weights), frozen unless ``train_first_convs``; initialised from the run's INIT stream."""
+    weights), frozen; initialised from the run's INIT stream."""
     torch.manual_seed(derive_seed(config.seed, Stream.INIT))
     model = VGG16DWSep(num_classes=2, input_size=config.image_size)
     if config.pretrained:
@@ -99,27 +99,15 @@ def build_model(config: RunConfig, device: torch.device) -> VGG16DWSep:
     else:
         logger.warning("!! --no-pretrained: the first two convolutions start from random weights "
                        "(recorded in modelo.h5 and metrics.json) !!")
-    freeze_first_convs(model, frozen=not config.train_first_convs)
-    if config.train_first_convs:
-        logger.warning("the first two convolutions are trained, not frozen as in the brief")
+    freeze_first_convs(model)
     return model.to(device, memory_format=torch.channels_last)
 
 
 def first_convs_note(config: RunConfig) -> str:
     """What the first two convolutions are in this run, for modelo.h5 and metrics.json."""
-    state = "trained" if config.train_first_convs else "frozen"
     if config.pretrained:
-        return f"ImageNet VGG16 features.0/features.2, {state}"
-    return f"NONE: first two convolutions random (--no-pretrained), {state}"
-
-
-def class_weights_for(index: DatasetIndex, train_indices: np.ndarray) -> list[float]:
-    """Cross-entropy weights that make the training prior the test prior: for class c,
-    P_test(c) / P_train(c), normalised to mean 1 over the training images."""
-    train = np.bincount(np.asarray(index.train.targets)[train_indices], minlength=len(index.classes))
-    test = np.bincount(np.asarray(index.test.targets), minlength=len(index.classes))
-    ratio = (test / test.sum()) / (train / train.sum())
-    return (ratio / (ratio * train).sum() * train.sum()).tolist()
+        return "ImageNet VGG16 features.0/features.2, frozen"
+    return "NONE: first two convolutions random (--no-pretrained), frozen"
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,8 +161,7 @@ def model_metadata(config: RunConfig, index: DatasetIndex, best: dict, pretraine
 #: optimiser, the selection and where the best weights so far are; the number of torchrun
 #: processes is checked beside them. Others may change (--epochs to go further, --device, --tta, ...).
 RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "weight_decay", "paciencia",
-                     "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision",
-                     "class_weights", "train_first_convs", "monitor")
+                     "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision")
 #: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream
 #: (seeded per worker) or its numerics are no longer those of one uninterrupted run.
 RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers")
@@ -275,7 +262,7 @@ class Validation:
     opts: dict
 
     def __post_init__(self) -> None:
-        transforms = EVAL_TRANSFORMS if self.config.compare_eval else (self.config.eval_transform,)
+        transforms = COMPARED_EVAL_TRANSFORMS if self.config.compare_eval else (self.config.eval_transform,)
         self.loaders = {t: make_loader(self.index, "train", self.samplers.val, augment=eval_augments(t),
                                        settings=loader_settings(self.config, self.backend, t), device=self.device,
                                        caches=self.caches) for t in transforms}
@@ -338,10 +325,6 @@ class Run:
                     time.perf_counter() - start, "modelo.h5, " if improved else "")
 
 
-def monitored(config: RunConfig, metrics: dict) -> float:
-    return metrics["loss"] if config.monitor == "loss" else metrics["balanced_accuracy"]
-
-
 def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict:
     """Train until early stopping or ``config.epochs``; return the test metrics of the best weights.
 
@@ -369,12 +352,8 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     model = build_model(config, device)
     run = Run(config, index, model,
               torch.optim.Adam(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay),
-              EarlyStopping(modo="min" if config.monitor == "loss" else "max", paciencia=config.paciencia),
+              EarlyStopping(modo="min", paciencia=config.paciencia),
               first_convs_note(config), world_size)
-    weights = class_weights_for(index, samplers.train_indices) if config.class_weights else None
-    if weights is not None:
-        logger.info("class weights (test prior / training prior): %s",
-                    ", ".join(f"{c} {w:.3f}" for c, w in zip(index.classes, weights)))
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
     start_epoch = 0
@@ -397,12 +376,11 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     for epoch in range(start_epoch, config.epochs):
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(net, train_loader, run.optimizer, device, epoch=epoch, progress=main_process,
-                             class_weights=weights, **opts)
+                             **opts)
         val_start = time.perf_counter()
         va, candidates = validation.score(model, epoch)
-        value = monitored(config, va)
-        improved = run.stopper.improves(value)  # strictly better: only then are the best weights replaced
-        stop = run.stopper.deberia_parar(value)
+        improved = run.stopper.improves(va["loss"])  # strictly better: only then are the best weights replaced
+        stop = run.stopper.deberia_parar(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_f1": va["f1"],
                "val_balanced_accuracy": va["balanced_accuracy"], "val_threshold": va["chosen_threshold"],
@@ -425,8 +403,7 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
             logger.info("early stopping: %s", run.stopper.reason)
             break
     if not run.best:
-        raise ValueError(f"no epoch produced a finite validation {config.monitor}; nothing saved to "
-                         f"{config.weights_out}")
+        raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {config.weights_out}")
     best_model, meta = load_modelo_h5(config.weights_out, device=device)
     if config.skip_test:
         logger.info("--skip-test: the test split is not scored")

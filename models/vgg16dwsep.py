@@ -179,12 +179,11 @@ def load_vgg16_first_convs(model: nn.Module, state_dict: dict[str, torch.Tensor]
     logger.info("loaded ImageNet VGG16 %s (frozen)", ", ".join(PRETRAINED_CONV_KEYS))
 
 
-def freeze_first_convs(model: nn.Module, frozen: bool = True) -> None:
-    """Stop (or with ``frozen=False`` restore) the gradient of the two convolutions that come from
-    ImageNet VGG16 (features.0, features.2)."""
+def freeze_first_convs(model: nn.Module) -> None:
+    """Stop the gradient of the two convolutions that come from ImageNet VGG16 (features.0, features.2)."""
     parameters = dict(model.named_parameters())
     for key in PRETRAINED_CONV_KEYS:
-        parameters[key].requires_grad_(not frozen)
+        parameters[key].requires_grad_(False)
 
 
 def _missing_weights_message(url: str, cached_file: Path) -> str:
@@ -192,7 +191,7 @@ def _missing_weights_message(url: str, cached_file: Path) -> str:
         f"ImageNet VGG16 weights not found at {cached_file} (torchvision's cache, "
         f"torch.hub.get_dir()/checkpoints) and they could not be downloaded. On a machine with "
         f"internet, download {url} and copy it to {cached_file}, or pass --vgg16-weights PATH to "
-        f"use a local copy, or --no-pretrained to keep them random (frozen, or trained with --train-first-convs)."
+        f"use a local copy, or --no-pretrained to keep them random (and frozen)."
     )
 
 

@@ -55,6 +55,7 @@ def test_shared_data_is_the_one_beside_the_project():
 SCRIPTS = ["dali_gpu_smoke"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_help_from_elsewhere(name, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], cwd=tmp_path,

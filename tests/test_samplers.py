@@ -92,3 +92,32 @@ def test_seeded_subset_sampler_permutes_subset_freshly_each_epoch():
     assert list(s) == e0
     big = SeededSubsetRandomSampler(range(1000), seed=0)
     assert list(big) != list(big)
+
+
+def test_derived_seeds_are_stable_distinct_and_in_range():
+    from pipelines.seeds import Stream, derive_seed
+
+    assert derive_seed(0, Stream.SPLIT) == derive_seed(0, Stream.SPLIT)
+    seeds = {derive_seed(s, stream, e) for s in range(3) for stream in Stream for e in range(5)}
+    assert len(seeds) == 3 * len(Stream) * 5  # no two streams, epochs or run seeds share one
+    assert all(0 <= derive_seed(7, Stream.LOADER, r, bits=31) < 2**31 for r in range(50))
+    assert 0 <= derive_seed(7, Stream.SPLIT, bits=32) < 2**32
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            derive_seed(bad)
+    with pytest.raises(ValueError, match="bits"):
+        derive_seed(0, bits=65)
+
+
+def test_the_split_and_the_samplers_draw_from_their_own_streams():
+    from pipelines.seeds import Stream, derive_seed
+
+    labels = np.array([0] * 40 + [1] * 60)
+    a_train, a_val = split_train_val(labels, 0.2, derive_seed(0, Stream.SPLIT, bits=32))
+    b_train, b_val = split_train_val(labels, 0.2, derive_seed(1, Stream.SPLIT, bits=32))
+    assert not np.array_equal(a_val, b_val)  # another run seed, another split
+    sampler = SeededSubsetRandomSampler(a_train, seed=derive_seed(0, Stream.TRAIN_ORDER))
+    first = list(sampler)
+    assert list(sampler) != first  # the next epoch is another order
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # and epoch 0 comes back on resume

@@ -30,7 +30,7 @@ from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep, read_state_dict_file
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
-from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain, noise_field
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain, noise_field
 
 from .core import ARGMAX, Decision, ThresholdDecision
 
@@ -247,17 +247,18 @@ def train_briefly_on_synthetic(settings: BriefTraining = BriefTraining(), device
     return model.eval(), stats
 
 
-def eval_multiplier(trained: dict, size: int, seed: int) -> tuple[float | torch.Tensor | None, str]:
-    """What a modelo.h5's evaluation images were multiplied by after /255 (its ``--eval-gain`` or
-    ``--eval-noise``), for LIME's model calls, and how the explanation's note says so.  The noise
-    is one seeded draw shared by every perturbed image, so the model's answers differ between
-    perturbations only by the superpixels switched off."""
-    if trained.get("eval_noise", False):
+def eval_multiplier(metadata: dict, size: int, seed: int) -> tuple[float | torch.Tensor | None, str]:
+    """What a modelo.h5's evaluation images were multiplied by after /255, for LIME's model calls,
+    and how the explanation's note says so: its stored ``decision["eval_transform"]`` is ``gain``
+    (x the noise's mean) or ``brief`` (the training Compose: here its noise only, one seeded draw
+    shared by every perturbed image, without the flip and rotation that would move the superpixels,
+    so the model's answers differ between perturbations only by the superpixels switched off)."""
+    transform = (metadata.get("decision") or {}).get("eval_transform")
+    if transform == "brief":
         noise = noise_field((3, size, size), torch.Generator().manual_seed(seed))
-        return noise, f", inputs x one U[{NOISE_LOW:g}, {NOISE_HIGH:g}] draw per value (its --eval-noise, seed {seed})"
-    gain = float(trained.get("eval_gain", 1.0))
-    if gain != 1.0:
-        return gain, f", inputs x{gain:g} (its --eval-gain)"
+        return noise, f", inputs x one U[{NOISE_LOW:g}, {NOISE_HIGH:g}] draw per value (its evaluation noise, seed {seed})"
+    if transform == "gain":
+        return NOISE_MEAN, f", inputs x{NOISE_MEAN:g} (its evaluation gain)"
     return None, ""
 
 
@@ -268,9 +269,10 @@ def decision_from_metadata(metadata: dict, path: str | os.PathLike[str]) -> Deci
     rule = metadata.get("decision")
     if rule is None:
         return ARGMAX
-    expected = "{'positive_class': 0 or 1, 'threshold': a probability}"
-    if not isinstance(rule, dict) or set(rule) != {"positive_class", "threshold"} \
-            or not all(isinstance(rule[key], (int, float)) and not isinstance(rule[key], bool) for key in rule):
+    expected = "{'positive_class': 0 or 1, 'threshold': a probability, ...}"
+    numbers = ("positive_class", "threshold")
+    if not isinstance(rule, dict) or not set(numbers) <= set(rule) \
+            or not all(isinstance(rule[key], (int, float)) and not isinstance(rule[key], bool) for key in numbers):
         raise ValueError(f"{path}: metadata 'decision' must be {expected}, got {rule!r}")
     try:
         return ThresholdDecision(rule["positive_class"], float(rule["threshold"]))
@@ -288,8 +290,8 @@ def load_vgg16dwsep(weights: str | os.PathLike[str] | None, device: torch.device
                     seed: int = 0, training: BriefTraining = BriefTraining(),
                     save_to: str | os.PathLike[str] | None = None, amp: bool = True) -> LoadedModel:
     """VGG16DWSep from a ``modelo.h5`` (``weights``, else ``./modelo.h5``), with its decision rule
-    (``decision_from_metadata``) and its inputs scaled as its evaluation images were, by its
-    ``--eval-gain`` or ``--eval-noise`` (``eval_multiplier``).
+    (``decision_from_metadata``) and its inputs scaled as its evaluation images were
+    (``eval_multiplier``).
 
     A model trained on synthetic data is explained only with ``demo=True``; ``demo=True`` without
     ``weights`` trains one briefly (``train_briefly_on_synthetic``), written to ``save_to`` as a
@@ -320,7 +322,7 @@ def load_vgg16dwsep(weights: str | os.PathLike[str] | None, device: torch.device
     decision = decision_from_metadata(metadata, weights)
     if isinstance(decision, ThresholdDecision) and meta["num_classes"] != 2:
         raise ValueError(f"{weights}: a threshold decision needs two classes, the model has {meta['num_classes']}")
-    multiplier, how = eval_multiplier(metadata.get("settings", {}), model.input_size, seed)
+    multiplier, how = eval_multiplier(metadata, model.input_size, seed)
     note = f"modelo.h5 at {weights}{how}" + (" (trained on SYNTHETIC data)" if synthetic else "")
     predictor = TorchPredictor(model, device, model.input_size, amp=amp, multiplier=multiplier)
     return LoadedModel("vgg16dwsep", predictor, list(meta["class_names"]), note, crop=False, decision=decision,

@@ -311,9 +311,11 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("gain", [1.0, 1.35])
 def test_vgg16dwsep_weights_are_explained_with_their_eval_gain(gain: float, tmp_path: Path) -> None:
-    """A modelo.h5 selected with --eval-gain g saw validation and test images x g: LIME's model calls
-    must see the same, or the explanation is of a model on inputs it was never evaluated on."""
-    path = tiny_modelo(tmp_path / "m.h5", {"settings": {"eval_gain": gain}})
+    """A modelo.h5 validated with its images x1.35 (the default recipe) saw validation and test images
+    x1.35: LIME's model calls must see the same, or the explanation is of a model on inputs it was
+    never evaluated on. Without a stored transform, /255 alone."""
+    decision = DECISION | {"eval_transform": "gain"} if gain != 1.0 else DECISION
+    path = tiny_modelo(tmp_path / "m.h5", {"decision": decision})
     loaded = models.load_vgg16dwsep(path, device=torch.device("cpu"), amp=False)
     image = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     expected = torch.from_numpy(image).permute(0, 3, 1, 2) * gain
@@ -321,9 +323,10 @@ def test_vgg16dwsep_weights_are_explained_with_their_eval_gain(gain: float, tmp_
     assert ("x1.35" in loaded.weights_note) == (gain != 1.0)
 
 
-def test_vgg16dwsep_weights_selected_with_eval_noise_get_one_fixed_noise_draw(tmp_path: Path) -> None:
-    """--eval-noise models see one seeded U[1.2, 1.5] field, the same for every image and every call."""
-    path = tiny_modelo(tmp_path / "m.h5", {"settings": {"eval_gain": 1.0, "eval_noise": True}})
+def test_vgg16dwsep_weights_evaluated_with_the_brief_transform_get_one_fixed_noise_draw(tmp_path: Path) -> None:
+    """Models evaluated with the brief's Compose see its noise as one seeded U[1.2, 1.5] field, the same
+    for every image and every call (no flip or rotation, which would move the superpixels)."""
+    path = tiny_modelo(tmp_path / "m.h5", {"decision": DECISION | {"eval_transform": "brief"}})
     cpu = torch.device("cpu")
     loaded = models.load_vgg16dwsep(path, cpu, amp=False, seed=3)
     image = np.ones((2, 32, 32, 3), dtype=np.float32)
@@ -335,7 +338,7 @@ def test_vgg16dwsep_weights_selected_with_eval_noise_get_one_fixed_noise_draw(tm
     other = models.load_vgg16dwsep(path, cpu, amp=False, seed=4)
     assert torch.equal(again.predictor.model_input(image), x)
     assert not torch.equal(other.predictor.model_input(image), x)
-    assert "--eval-noise" in loaded.weights_note
+    assert "evaluation noise" in loaded.weights_note
 
 
 def test_lime_predictor_rejects_a_multiplier_of_the_wrong_shape() -> None:

@@ -82,3 +82,15 @@ def test_mistakes_are_one_line(argv, fragment, capsys):
     assert main([*argv, *weights]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_the_explainer_reads_the_rule_training_stores(trained):
+    """What train.py writes into modelo.h5 is what explain.py decides with and scales its inputs by."""
+    from explainer.models import load_vgg16dwsep
+    from models.h5io import read_modelo_metadata
+
+    _, weights = trained
+    stored = read_modelo_metadata(weights)["metadata"]["decision"]
+    loaded = load_vgg16dwsep(weights, torch.device("cpu"), amp=False)
+    assert loaded.decision.threshold == pytest.approx(stored["threshold"])
+    assert stored["eval_transform"] == "gain" and "x1.35" in loaded.weights_note

@@ -73,22 +73,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     system.add_argument("--num-workers", type=int, default=defaults.num_workers,
                         help="DataLoader worker processes / DALI threads (default: %(default)s)")
-    system.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    system.add_argument("--device", default=defaults.device,
+                        help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
     system.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast where bf16 is native")
+    modes = p.add_argument_group("other modes")
+    modes.add_argument("--eval-only", action="store_true",
+                       help="only test --weights as its run did (its seed, transform, rule, batches, workers)")
+    modes.add_argument("--check-data", action="store_true",
+                       help="index the data set, print class counts and skipped files, exit (0 when usable)")
+    modes.add_argument("--demo", action="store_true", help="make a small synthetic set under OUT/data and train on it")
+    modes.add_argument("--count-params", action="store_true",
+                       help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval-only", action="store_true", help="only test --weights (its own transform and rule)")
     ev.add_argument("--weights", help="modelo.h5 to test with --eval-only")
     tta = ev.add_mutually_exclusive_group()
     tta.add_argument("--tta", type=int, nargs="*", default=list(defaults.tta), metavar="D", action=_TtaCopies,
                      help="test-time augmentation with D augmented copies per image, scored beside the "
-                          "prediction without TTA (default: 4 8)")
+                          f"prediction without TTA (default: {' '.join(map(str, defaults.tta))})")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=[], help="test without TTA only")
     ev.add_argument("--json", action="store_true", help="with --eval-only: print one line of JSON")
-    ev.add_argument("--check-data", action="store_true",
-                    help="index the data set, print class counts and skipped files, exit (0 when usable)")
-    ev.add_argument("--demo", action="store_true", help="make a small synthetic set under OUT/data and train on it")
-    ev.add_argument("--count-params", action="store_true",
-                    help="print parameter counts and step times of VGG16DWSep and of the same net with Conv2d")
     lever = p.add_argument_group("levers (each overrides the recipe; see RESULTS.md for what validation chose)")
     lever.add_argument("--eval-transform", choices=EVAL_TRANSFORMS,
                        help="validation/test images: brief = the training Compose, seeded; gain = /255 then x1.35")
@@ -110,7 +113,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.data_dir is None and not args.demo:
         raise ValueError("give --data-dir DIR (a folder with train/ and test/) or --demo")
-    if not args.eval_only:
+    if args.eval_only:
+        given = [flag for flag, on in (("--resume", args.resume), ("--compare-eval", args.compare_eval),
+                                       ("--skip-test", args.skip_test), ("--train-subset", args.train_subset))
+                 if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for --eval-only, which tests a finished modelo.h5")
+    else:
         if args.weights:
             raise ValueError("--weights is read only with --eval-only; training starts from the initialisation, "
                              "or continues OUT/checkpoint.pt with --resume")
@@ -226,17 +235,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_cli
+
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (OSError, ValueError) as exc:  # bad input, missing or unwritable paths: one line, no traceback
-        from pipelines.cli import want_traceback
-
-        if want_traceback():  # NEUMONIA_DALI_TRACEBACK=1
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), prog="train.py")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    choices=["transforms", "workers", "loaders", "training"],
                    help="what to measure (default: %(default)s); 'training' trains VGG16DWSep fed by each "
                         "loader against the same batches already on the device (benchmarks.training; "
-                        "about 1.1 s a step at batch 16 on this 2-core CPU, meant for a GPU)")
+                        "slow on a CPU, meant for a GPU)")
     p.add_argument("--toolchains", nargs="+", default=list(TOOLCHAINS), choices=list(TOOLCHAINS),
                    help="transforms section: the decode + transform toolchains to time (default: all)")
     p.add_argument("--n224", type=int, default=400,

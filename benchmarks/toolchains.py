@@ -2,7 +2,7 @@
 
 The library (``pipelines.transforms``) keeps the chains training uses: ``cv2`` (the default) and
 ``plain``, PIL + torchvision as listed, the reference.  The benchmark also times three chains that
-lost to cv2 (README, "The transform, and how its tools were chosen"), defined here with their steps:
+lost to cv2 (RESULTS.md, "Transform toolchains, workers, loaders"), defined here with their steps:
 
 - ``pil``: PIL full decode + our PIL/torch steps;
 - ``pil_draft``: PIL decode with JPEG draft downscaling (1/2, 1/4 or 1/8 inside libjpeg) + the same steps;

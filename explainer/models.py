@@ -2,9 +2,10 @@
 model into a ``predict_fn`` (N x H x W x 3 images -> N x C probabilities).
 
 inception_v3 sees 299 x 299 images normalised with the ImageNet mean and std; VGG16DWSep sees
-224 x 224 images scaled to [0, 1] with no normalisation (``pipelines.transforms``' evaluation
-transform).  The explainer works on one 299 x 299 image in [0, 1] for both; the adapter resizes
-and normalises each batch for its model, on the model's device.
+224 x 224 images scaled to [0, 1] and then as its modelo.h5's stored evaluation transform says
+(``eval_multiplier``: x1.35 for the default recipe, one seeded noise draw for the brief's).  The
+explainer works on one 299 x 299 image in [0, 1] for both; the adapter resizes and scales or
+normalises each batch for its model, on the model's device.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
+from models.config import eval_gain
 from models.engine import autocast, precision_options, train_one_epoch
 from models.h5io import load_modelo_h5, save_modelo_h5
 from models.vgg16dwsep import VGG16DWSep, read_state_dict_file
 from pipelines.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipelines.synthetic import make_synthetic_dataset
-from pipelines.transforms import NOISE_HIGH, NOISE_LOW, NOISE_MEAN, get_toolchain, noise_field
+from pipelines.transforms import NOISE_HIGH, NOISE_LOW, get_toolchain, noise_field
 
 from .core import ARGMAX, Decision, ThresholdDecision
 
@@ -258,7 +260,7 @@ def eval_multiplier(metadata: dict, size: int, seed: int) -> tuple[float | torch
         noise = noise_field((3, size, size), torch.Generator().manual_seed(seed))
         return noise, f", inputs x one U[{NOISE_LOW:g}, {NOISE_HIGH:g}] draw per value (its evaluation noise, seed {seed})"
     if transform == "gain":
-        return NOISE_MEAN, f", inputs x{NOISE_MEAN:g} (its evaluation gain)"
+        return eval_gain(transform), f", inputs x{eval_gain(transform):g} (its evaluation gain)"
     return None, ""
 
 

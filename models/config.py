@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.transforms import NOISE_MEAN
+
 #: How validation and test images are transformed: ``brief`` = the training Compose (flip,
 #: rotation, noise), seeded, as the brief gives one Compose to train/ and test/ alike;
 #: ``gain`` = /255 then x1.35, the mean of the training noise.
@@ -23,6 +25,24 @@ COMPARED_EVAL_TRANSFORMS = ("brief", "gain", "plain")
 #: P(PNEUMONIA) >= t, t chosen on the validation set replicated to the test's class balance.
 DECISIONS = ("argmax", "threshold")
 LOADERS = ("auto", "torchvision", "dali")
+def eval_gain(eval_transform: str) -> float:
+    """The constant an evaluation transform multiplies images by after /255: the training noise's
+    mean for ``gain``, 1 for the others."""
+    return NOISE_MEAN if eval_transform == "gain" else 1.0
+
+
+def stored_decision(metadata: dict, path: Any) -> dict[str, Any]:
+    """A modelo.h5's decision rule (``metadata["decision"]``), checked: ValueError naming the file
+    when it is missing (written by an older version) or malformed."""
+    decision = metadata.get("decision")
+    if decision is None:
+        raise ValueError(f"{path} stores no decision rule (written by an older version); train it again")
+    wanted = {"positive_class": int, "threshold": float, "rule": str, "eval_transform": str}
+    if not isinstance(decision, dict) or any(k not in decision for k in wanted) \
+            or decision["rule"] not in DECISIONS or decision["eval_transform"] not in COMPARED_EVAL_TRANSFORMS \
+            or not 0 <= float(decision["threshold"]) <= 1:
+        raise ValueError(f"{path}: malformed decision rule {decision!r}")
+    return decision
 
 RECIPES: dict[str, dict[str, Any]] = {
     "brief": {"eval_transform": "brief", "decision": "argmax"},

@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 TRAIN_KEYS = ("loss", "accuracy", "images", "seconds", "images_per_s")
-METRIC_KEYS = ("accuracy", "f1", "precision", "recall", "specificity", "roc_auc", "confusion_matrix", "n")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -82,9 +81,7 @@ def precision_options(device: torch.device, use_amp: bool) -> dict[str, Any]:
     """Channels-last always (oneDNN and cuDNN both run these convolutions faster in NHWC); bf16
     autocast when ``use_amp`` and the device does bf16 natively (see ``bf16_native``).
 
-    Measured on this project's 2-core AVX512-BF16 CPU (``train.py --count-params``, README), VGG16DWSep,
-    batch 16: training step fp32 3.40 s, channels-last 2.03 s, channels-last + bf16 1.36 s; inference
-    1.27, 0.51, 0.31 s.
+    Step times of each setting: measured by ``train.py --count-params``, RESULTS.md.
     """
     return {"amp_dtype": torch.bfloat16 if use_amp and bf16_native(device) else None, "channels_last": True}
 

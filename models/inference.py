@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.config import eval_gain, stored_decision
 from models.engine import decide, precision_options, predict, tta_probabilities
 from models.h5io import load_modelo_h5
 from pipelines.imageio import IMAGE_EXTENSIONS, check_image_file
 from pipelines.loaders import TorchvisionLoader
 from pipelines.samplers import RepeatSampler
 from pipelines.seeds import Stream, derive_seed
-from pipelines.transforms import NOISE_MEAN, get_toolchain
+from pipelines.transforms import get_toolchain
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class UnlabelledImages(Dataset):
         return self.transform(self.loader(str(self.files[i]))), 0
 
 
+def load_with_decision(weights: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict, dict[str, Any]]:
+    """A modelo.h5's network (eval mode, on ``device``), its attributes and its checked decision rule."""
+    model, meta = load_modelo_h5(weights, device=device)
+    return model, meta, stored_decision(meta.get("metadata", {}), weights)
+
+
 def classify_files(weights: str | Path, files: Sequence[Path], device: torch.device, *, copies: int = 1,
                    batch_size: int = 32, num_workers: int = 2, seed: int = 0, amp: bool = True,
                    progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -60,15 +67,11 @@ def classify_files(weights: str | Path, files: Sequence[Path], device: torch.dev
     if not files:
         raise ValueError("no image files to classify")
     if copies < 1:
-        raise ValueError(f"copies must be >= 1, got {copies}")
-    model, meta = load_modelo_h5(weights, device=device)
-    decision = meta.get("metadata", {}).get("decision")
-    if decision is None:
-        raise ValueError(f"{weights} stores no decision rule (written by an older version); train it again")
+        raise ValueError(f"--tta must be >= 1 copy, got {copies}")
+    model, meta, decision = load_with_decision(weights, device)
     positive = int(decision["positive_class"])
     classes = list(meta["class_names"])
-    chain = get_toolchain(eval_gain=NOISE_MEAN if decision["eval_transform"] == "gain" else 1.0,
-                          size=int(meta["input_size"]))
+    chain = get_toolchain(eval_gain=eval_gain(decision["eval_transform"]), size=int(meta["input_size"]))
     augment = copies > 1 or decision["eval_transform"] == "brief"
     dataset = UnlabelledImages(files, chain.train if augment else chain.eval, chain.loader)
     loader = TorchvisionLoader(dataset, RepeatSampler(range(len(files)), copies), batch_size=batch_size,

@@ -20,20 +20,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig
+from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig, eval_gain
 from models.early_stopping import EarlyStopping
 from models.engine import (bootstrap_intervals, choose_threshold, classification_metrics, cross_fitted_metrics,
                            plot_confusion_matrix, plot_learning_curves, precision_label, precision_options, predict,
                            resolve_device, tta_labels, tta_probabilities, train_one_epoch)
 from models.h5io import load_modelo_h5, read_modelo_metadata, save_modelo_h5
+from models.inference import load_with_decision
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
 from pipelines.data import DatasetIndex, index_dataset
 from pipelines.files import atomic_path
-from pipelines.loaders import LoaderSettings, make_loader, make_samplers, resolve_backend
+from pipelines.loaders import (PURPOSE_TEST, PURPOSE_TRAIN, PURPOSE_TTA, PURPOSE_VAL, LoaderSettings, make_loader,
+                               make_samplers, resolve_backend)
 from pipelines.samplers import RepeatSampler, unshard
 from pipelines.seeds import Stream, derive_seed
-from pipelines.transforms import NOISE_MEAN
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def loader_settings(config: RunConfig, backend: str, eval_transform: str | None 
     transform = eval_transform or config.eval_transform
     return LoaderSettings(backend=backend, batch_size=config.batch_size, num_workers=config.num_workers,
                           seed=config.seed, train_subset=config.train_subset, rank=rank, world_size=world_size,
-                          eval_gain=NOISE_MEAN if transform == "gain" else 1.0, decoded_cache=config.decoded_cache,
+                          eval_gain=eval_gain(transform), decoded_cache=config.decoded_cache,
                           image_size=config.image_size)
 
 
@@ -164,7 +165,7 @@ RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "we
                      "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision")
 #: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream
 #: (seeded per worker) or its numerics are no longer those of one uninterrupted run.
-RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers")
+RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers", "device")
 
 
 def _same_setting(key: str, saved: Any, ours: Any) -> bool:
@@ -265,7 +266,8 @@ class Validation:
         transforms = COMPARED_EVAL_TRANSFORMS if self.config.compare_eval else (self.config.eval_transform,)
         self.loaders = {t: make_loader(self.index, "train", self.samplers.val, augment=eval_augments(t),
                                        settings=loader_settings(self.config, self.backend, t), device=self.device,
-                                       caches=self.caches) for t in transforms}
+                                       caches=self.caches, purpose=PURPOSE_VAL + COMPARED_EVAL_TRANSFORMS.index(t))
+                        for t in transforms}
 
     def score(self, model: torch.nn.Module, epoch: int) -> tuple[dict, dict]:
         """This run's validation metrics (loss, the decision's threshold chosen on these images, and
@@ -277,13 +279,13 @@ class Validation:
             probs, labels, loss = seeded_predict(model, loader, self.device, len(self.samplers.val),
                                                  derive_seed(self.config.seed, Stream.EVAL, epoch), **self.opts)
             threshold = choose_threshold(labels, probs[:, 1])
-            by_rule = {"argmax": classification_metrics(labels, probs),
+            by_rule = {"argmax": classification_metrics(labels, probs, threshold=0.5),  # as the test decides it
                        "threshold": classification_metrics(labels, probs, threshold=threshold)}
             if transform == self.config.eval_transform:
                 ours = by_rule[self.config.decision] | {"loss": loss, "chosen_threshold": threshold}
             if self.config.compare_eval:
                 groups = sampler_order(self.samplers.val, epoch)
-                crossed = cross_fitted_metrics(labels, probs, groups, seed=derive_seed(self.config.seed, Stream.EVAL))
+                crossed = cross_fitted_metrics(labels, probs, groups, seed=derive_seed(self.config.seed, Stream.CROSS_FIT))
                 candidates[transform] = {"loss": loss} | {
                     rule: {k: m[k] for k in ("accuracy", "f1", "balanced_accuracy", "recall", "specificity")}
                     for rule, m in (("argmax", by_rule["argmax"]), ("threshold_cross_fitted", crossed))}
@@ -309,17 +311,40 @@ class Run:
     def out(self) -> Path:
         return Path(self.config.out)
 
+    def save_best(self) -> None:
+        save_modelo_h5(self.config.weights_out, self.model, class_names=self.index.classes,
+                       metadata=model_metadata(self.config, self.index, self.best, self.pretrained_note))
+
+    def reconcile_best_weights(self, last_epoch: int) -> None:
+        """After a resume: the log is the checkpoint's history, and modelo.h5 holds the best epoch the
+        checkpoint names (written from the checkpoint when the run died between the two files)."""
+        with atomic_path(self.out / LOG) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        path = Path(self.config.weights_out)
+        try:
+            on_disk = read_modelo_metadata(path)["metadata"]["best"]["epoch"] if path.exists() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            on_disk = None
+        if self.best and on_disk != self.best["epoch"]:
+            if self.best["epoch"] != last_epoch:
+                raise ValueError(f"--resume: {path} holds epoch {on_disk}, the checkpoint's best is epoch "
+                                 f"{self.best['epoch']} and its weights are not in the checkpoint; start a new run")
+            logger.warning("--resume: %s held epoch %s; writing the checkpoint's best, epoch %d", path, on_disk,
+                           last_epoch)
+            self.save_best()
+
     def record(self, row: dict, improved: bool, stop: bool) -> None:
-        """Main process only: log line, best weights, checkpoint, learning curves (all atomic)."""
-        append_jsonl(self.out / LOG, row)
+        """Main process only: checkpoint, best weights, log line, learning curves (each atomic). The
+        checkpoint goes first: should the run die before modelo.h5 is written, ``--resume`` writes it
+        from the checkpoint (``reconcile_best_weights``) and rewrites the log from its history."""
         start = time.perf_counter()
-        if improved:
-            save_modelo_h5(self.config.weights_out, self.model, class_names=self.index.classes,
-                           metadata=model_metadata(self.config, self.index, self.best, self.pretrained_note))
         save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                         early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
                         history=self.history, best=self.best, settings=self.config.asdict(),
                         stopped=stop, world_size=self.world_size)
+        if improved:
+            self.save_best()
+        append_jsonl(self.out / LOG, row)
         plot_learning_curves(self.history, self.out / "learning_curves.png")
         logger.info("epoch %d: files written in %.1f s (%scheckpoint, curves)", row["epoch"],
                     time.perf_counter() - start, "modelo.h5, " if improved else "")
@@ -342,7 +367,7 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     samplers = make_samplers(index, config.seed, lsettings.val_fraction, config.train_subset)
     caches: dict = {}
     train_loader = make_loader(index, "train", samplers.train, augment=True, settings=lsettings, device=device,
-                               caches=caches)
+                               caches=caches, purpose=PURPOSE_TRAIN)
     opts = precision_options(device, config.amp)
     validation = Validation(config, index, samplers, backend, device, caches, opts)
     logger.info("train %d images, validation %d (resampled to the test balance), test %d; %s loader on %s%s",
@@ -361,6 +386,11 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
         run.history, run.best, start_epoch, stopped = restore(ckpt, run.out / CHECKPOINT, model, run.optimizer,
                                                                run.stopper)
         del ckpt
+        if main_process:
+            run.reconcile_best_weights(start_epoch - 1)
+        if backend == "dali":
+            logger.warning("--resume with the DALI loader: its random streams restart, so the later epochs' "
+                           "augmentation is not that of one uninterrupted run")
         if stopped:
             logger.info("that run had already stopped early")
             start_epoch = config.epochs
@@ -371,6 +401,7 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     net = model
     if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(derive_seed(config.seed, Stream.DROPOUT, rank))  # each rank its own dropout masks
     precision = precision_label(opts)
     logger.info("precision: %s", precision)
     for epoch in range(start_epoch, config.epochs):
@@ -378,6 +409,9 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
         tr = train_one_epoch(net, train_loader, run.optimizer, device, epoch=epoch, progress=main_process,
                              **opts)
         val_start = time.perf_counter()
+        if world_size > 1:  # every rank validates the weights and BatchNorm statistics rank 0 saves
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         va, candidates = validation.score(model, epoch)
         improved = run.stopper.improves(va["loss"])  # strictly better: only then are the best weights replaced
         stop = run.stopper.deberia_parar(va["loss"])
@@ -424,6 +458,7 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
 
 
 def with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, seed: int) -> dict:
+    """``classification_metrics`` under the threshold, with 95 % bootstrap intervals (``ci95``)."""
     metrics = classification_metrics(labels, probs, threshold=threshold)
     return metrics | {"ci95": bootstrap_intervals(labels, probs, threshold, seed=seed)}
 
@@ -439,14 +474,13 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, config: RunCo
     n = len(index.test)
     caches = {} if caches is None else caches
     plain = make_loader(index, "test", range(n), augment=eval_augments(config.eval_transform), settings=lsettings,
-                        device=device, caches=caches)
-    probs, labels, loss = seeded_predict(model, plain, device, n, derive_seed(config.seed, Stream.EVAL, 2**31),
-                                         **opts)
-    ci_seed = derive_seed(config.seed, Stream.EVAL, 2**32, bits=32)
+                        device=device, caches=caches, purpose=PURPOSE_TEST)
+    probs, labels, loss = seeded_predict(model, plain, device, n, derive_seed(config.seed, Stream.TEST), **opts)
+    ci_seed = derive_seed(config.seed, Stream.BOOTSTRAP, bits=32)
     results = {"no_tta": with_intervals(labels, probs, threshold, ci_seed) | {"loss": loss}}
     for d in config.tta:
         loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True, settings=lsettings,
-                             device=device, caches=caches)
+                             device=device, caches=caches, purpose=PURPOSE_TTA + d)
         probs_d, labels_d, _ = seeded_predict(model, loader, device, n * d, derive_seed(config.seed, Stream.TTA, d),
                                               **opts)
         y = tta_labels(labels_d, d)
@@ -455,18 +489,21 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, config: RunCo
     return results
 
 
+#: What ``--eval-only`` takes from the run that wrote the modelo.h5, whatever the command line says:
+#: what decides the test pass's draws (seed, transform, batches, workers), its numerics and the rule.
+EVAL_ONLY_FROM_RUN = ("seed", "batch_size", "num_workers", "amp", "decoded_cache")
+
+
 def evaluate_weights(config: RunConfig, weights: str | Path, device: torch.device) -> dict:
-    """Test metrics of a modelo.h5 under its own evaluation transform and decision rule."""
-    model, meta = load_modelo_h5(weights, device=device)
-    stored = meta.get("metadata", {})
-    decision = stored.get("decision")
-    if decision is None:
-        raise ValueError(f"{weights} stores no decision rule (written by an older version); train it again")
-    trained = stored.get("settings", {})
-    if int(meta["input_size"]) != config.image_size:
-        config = dataclasses.replace(config, image_size=int(meta["input_size"]))
+    """Test metrics of a modelo.h5 as its training run scored them: its evaluation transform,
+    decision rule, image size and ``EVAL_ONLY_FROM_RUN`` settings (``config`` gives the data folder,
+    the TTA copies, the loader and the device)."""
+    model, meta, decision = load_with_decision(weights, device)
+    trained = meta.get("metadata", {}).get("settings", {})
+    kept = {key: trained[key] for key in EVAL_ONLY_FROM_RUN if key in trained}
     config = dataclasses.replace(config, eval_transform=decision["eval_transform"], decision=decision["rule"],
-                                 seed=int(trained.get("seed", config.seed)))
+                                 image_size=int(meta["input_size"]), **kept)
+    logger.info("--eval-only: the run's own %s", ", ".join(f"{k}={v}" for k, v in kept.items()))
     index = index_dataset(config.data_dir)
     if list(meta.get("class_names", index.classes)) != index.classes:
         raise ValueError(f"{weights} was trained on classes {meta['class_names']}, "
@@ -491,6 +528,9 @@ def start_distributed(device: torch.device) -> bool:
 def run(config: RunConfig, resume: bool = False) -> dict | None:
     """A whole training run as ``python train.py`` makes it: the device (this rank's GPU under
     torchrun), the process group, training, test. Returns the summary on rank 0, None elsewhere."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.device.startswith("cuda:"):
+        raise ValueError(f"--device {config.device}: under torchrun each process takes its own GPU "
+                         "(LOCAL_RANK); give --device cuda or auto")
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         # every batch has the same shape, so cuDNN's autotuned kernels are reused; GPU runs are

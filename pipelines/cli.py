@@ -33,11 +33,12 @@ def script_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run_cli(main: Callable[[], int], prog: str | None = None) -> int:
-    """``main()``, with OSError and ValueError turned into one line on stderr and exit status 2
-    (the traceback with NEUMONIA_DALI_TRACEBACK=1)."""
+    """``main()``, with OSError and ValueError (bad input, missing or unwritable paths) and
+    FloatingPointError (a diverged run) turned into one line on stderr and exit status 2 (the
+    traceback with NEUMONIA_DALI_TRACEBACK=1)."""
     try:
         return main()
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, FloatingPointError) as error:
         if want_traceback():
             raise
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)

@@ -152,6 +152,9 @@ def split_cache(index: DatasetIndex, split: str, settings: LoaderSettings, cache
 
     Filled here, in the main process, so DataLoader workers forked later share it.
     """
+    if not dali_available():
+        raise ValueError("--decoded-cache decodes with NVIDIA DALI, which is not installed: "
+                         "pip install nvidia-dali-cuda120==2.4.0")
     from .decoded_cache import DecodedCache
 
     if split not in caches:
@@ -198,13 +201,21 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
-def loader_seed(settings: LoaderSettings) -> int:
-    """The seed of a loader's augmentation stream: its own for each DDP rank."""
-    return derive_seed(settings.seed, Stream.LOADER, settings.rank, bits=31)
+#: ``make_loader``'s ``purpose`` of a run's loaders: training, validation (+ the index of its
+#: evaluation transform), the test pass, test-time augmentation (+ the number of copies)
+PURPOSE_TRAIN, PURPOSE_VAL, PURPOSE_TEST, PURPOSE_TTA = 0, 1, 10, 100
+
+
+def loader_seed(settings: LoaderSettings, purpose: int = 0) -> int:
+    """The seed of a loader's augmentation stream: its own for each DDP rank and each ``purpose``
+    (the run's training, validation, test and TTA loaders each pass their own), so no two loaders
+    of a run replay each other's draws."""
+    return derive_seed(settings.seed, Stream.LOADER, settings.rank, purpose, bits=31)
 
 
 def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augment: bool,
-                settings: LoaderSettings, device: torch.device | str = "cpu", caches: dict | None = None):
+                settings: LoaderSettings, device: torch.device | str = "cpu", caches: dict | None = None,
+                purpose: int = 0):
     """One loader of the chosen back end over ``index.<split>`` in ``sampler``'s order.
 
     Under DistributedDataParallel (``world_size > 1``) it delivers this rank's share of that order.
@@ -221,7 +232,7 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
         device = torch.device(device)
         files = [path for path, _ in dataset.samples]
         return DaliLoader(files, dataset.targets, sampler, batch_size=settings.batch_size,
-                          augment=augment, seed=loader_seed(settings),
+                          augment=augment, seed=loader_seed(settings, purpose),
                           eval_gain=settings.eval_gain, cache=cache,
                           device_id=(device.index or 0) if device.type == "cuda" else None,
                           num_threads=max(1, settings.num_workers), size=settings.image_size)
@@ -232,7 +243,7 @@ def make_loader(index: DatasetIndex, split: str, sampler: Sampler[int], *, augme
         view = with_transform(dataset, chain.train if augment else chain.eval)
         view.loader = chain.loader
     return TorchvisionLoader(view, sampler, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                             device=device, seed=loader_seed(settings))
+                             device=device, seed=loader_seed(settings, purpose))
 
 
 def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(),
@@ -241,9 +252,9 @@ def make_loaders(index: DatasetIndex, settings: LoaderSettings = LoaderSettings(
     caches: dict = {}
     kw = dict(settings=settings, device=device, caches=caches)
     return Loaders(
-        train=make_loader(index, "train", samplers.train, augment=True, **kw),
-        val=make_loader(index, "train", samplers.val, augment=False, **kw),
-        test=make_loader(index, "test", samplers.test, augment=False, **kw),
+        train=make_loader(index, "train", samplers.train, augment=True, purpose=PURPOSE_TRAIN, **kw),
+        val=make_loader(index, "train", samplers.val, augment=False, purpose=PURPOSE_VAL, **kw),
+        test=make_loader(index, "test", samplers.test, augment=False, purpose=PURPOSE_TEST, **kw),
         samplers=samplers, caches=caches,
     )
 

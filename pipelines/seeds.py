@@ -18,11 +18,14 @@ class Stream(IntEnum):
     SPLIT = 1           # the 80/20 split and the --train-subset draw
     TRAIN_ORDER = 2     # the training sampler's order, per epoch
     VAL_ORDER = 3       # ReplicarMuestreoDePrueba's oversampling, per epoch
-    AUGMENT = 4         # the loader's augmentation draws (per rank, per epoch)
+    DROPOUT = 4         # torch's global generator during training (dropout), per rank
     INIT = 5            # the network's initialisation
-    EVAL = 6            # the evaluation transform's draws (validation per epoch, test)
-    TTA = 7             # the test-time augmentation copies
-    LOADER = 8          # a loader's own stream (per rank), from which its epochs derive
+    EVAL = 6            # validation passes, per epoch
+    TTA = 7             # the test-time augmentation copies, per number of copies
+    LOADER = 8          # a loader's workers (per rank, per loader), from which its epochs derive
+    TEST = 9            # the test pass without TTA
+    BOOTSTRAP = 10      # the bootstrap resamples of the test figures
+    CROSS_FIT = 11      # the halves of the cross-fitted validation threshold
 
 
 def derive_seed(seed: int, *keys: int, bits: int = 63) -> int:

@@ -8,7 +8,9 @@ The brief's training transform, in this order:
 4. rotation about the centre by an angle drawn uniformly in [-20, 20] degrees (fill 0),
 5. every value of every channel multiplied by its own number drawn uniformly in [1.2, 1.5].
 
-The evaluation transform is steps 1 and 2.  Each toolchain is a decoder (``pipelines.imageio``)
+Evaluation is read in two ways: the brief's, the whole training Compose with a seeded generator,
+and the default recipe's, steps 1 and 2 then x1.35, the noise's mean (``get_toolchain(eval_gain=1.35)``);
+a toolchain's ``eval`` is steps 1 and 2.  Each toolchain is a decoder (``pipelines.imageio``)
 plus a ``torchvision.transforms.Compose`` of these steps written with one library; all end in a
 float32 3 x 224 x 224 tensor.  Two are kept: ``cv2`` (the default, what training uses) and
 ``plain`` (PIL + torchvision as listed, the reference it is measured against; the chains it won
@@ -215,7 +217,7 @@ TOOLCHAINS: dict[str, Callable[[int], Toolchain]] = {
     "cv2": _cv2,
 }
 
-#: Chosen by ``python -m benchmarks`` (see README, "The transform, and how its tools were chosen").
+#: Chosen by ``python -m benchmarks`` (RESULTS.md, "Transform toolchains, workers, loaders").
 DEFAULT_TOOLCHAIN = "cv2"
 
 
@@ -250,8 +252,9 @@ def get_toolchain(name: str = DEFAULT_TOOLCHAIN, eval_gain: float = 1.0, size: i
 
     The brief's evaluation transform is resize and /255 only, but its training noise multiplies
     every value by its own U[1.2, 1.5] draw, so a network sees brighter images in training than
-    in evaluation; ``eval_gain=NOISE_MEAN`` removes the brightness shift (README, "Train/test
-    brightness").  It changes the brief's evaluation transform and is off by default.
+    in evaluation; ``eval_gain=NOISE_MEAN`` removes the brightness shift.  The default recipe
+    evaluates with it (RESULTS.md, "Choosing the default recipe"); this function's default, 1.0,
+    is the plain steps 1 and 2.
     """
     if name not in TOOLCHAINS:
         raise ValueError(f"unknown toolchain {name!r}; choose one of {sorted(TOOLCHAINS)}")

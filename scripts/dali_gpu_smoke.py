@@ -2,7 +2,7 @@
 
 CI runs every DALI graph on the CPU only; the GPU graph (nvJPEG through the `mixed` decoder, the GPU
 resize, flip, rotation and noise, the decoded cache moved with `.gpu()`, DLPack on the device) first
-runs on a lent machine.  This checks it against the DALI CPU loader on real files before any figure
+runs on a CUDA machine.  This checks it against the DALI CPU loader on real files before any figure
 is taken from it, in a few seconds, and exits 1 when a check fails, so that the device check trains
 with the torchvision loader instead of measuring a broken one.  Files: up to 4 colour JPEGs among the
 full-resolution ones (gray and colour files in one batch), gray ones up to 20, and 8 of the 224 set.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for a lent GPU machine (see ../shared/DEVICE.md), in this order:
+# Every GPU check in one run on a CUDA machine, in this order:
 #   0. the DALI GPU loader against DALI on the CPU on real files (scripts/dali_gpu_smoke.py): should it fail,
 #      training and evaluation use the torchvision loader
 #   1. parameters and step times of both variants, fp32, fp32 + channels-last, bf16 + channels-last (train.py --count-params)
@@ -12,21 +12,19 @@
 #   4. LIME: our 1,000-sample explanation of inception_v3 (random weights) at two batch sizes, last: it
 #      runs in whatever the budget has left (limit 20 s)
 # GPU step limits before the last add up to 560 s (40 + 60 + 140 + 50 + 245 + 25), the LIME step's 20 s
-# come out of what the others leave: with the start-up, under timeout_s=580.
-# BUDGET (default 560 on the GPU, 3600 for the CPU part) caps them all together: a step gets at most what is left of it and is skipped with
-# under 15 s left, so that a call given less time (the session's device time running out) still ends by
-# writing the summary and packing the logs. Give BUDGET = the call's timeout_s less 20.
-# DALI must be installed before this call (its install does not fit beside these limits): see below.
-# Results go to $OUT (metrics, curves, logs; modelo.h5 is too big to come back).
-#
-# On the GPU machine: stage DALI as ../shared/DEVICE.md says (bash ../shared/device/stage_dali.sh prepare,
-# then one call per part), install it in a call of its own, run(command="bash .dali/install.sh",
-# timeout_s=300), then with the data staged here by scripts/stage_device_data.sh (the 224 set and a
-# third of the full-resolution files, 49 MiB beside the 4 MiB tree):
-#   run(command="bash scripts/device_check.sh", carry=[".data"], timeout_s=580)
-#   (with less device time left: run(command="BUDGET=T-20 bash scripts/device_check.sh", ..., timeout_s=T))
-# Without DALI it runs too, with the torchvision rows only.
-# Here, to try the CPU part:  DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh
+# come out of what the others leave; with start-up and packing the whole run takes under 10 minutes.
+# BUDGET (seconds; default 560 on the GPU, 3600 for the CPU part) caps them all together: a step gets at
+# most what is left of it and is skipped with under 15 s left, so that a run given less time still ends by
+# writing the summary and packing the logs.  To stop the whole run within T seconds: BUDGET=T-20.
+# Results go to $OUT (default out/device_check): summary.txt, the benchmark JSONs, the training run's
+# metrics, epoch log and figures, and every step's log packed into logs.tgz to keep $OUT small (the
+# training run's modelo.h5 is not kept).
+# Data: $DATA (default .data, else ../shared/data) holding chest_xray_224/ and chest_xray_fullres/.
+# DALI is used when it imports (a DALI installed under .dali/site is put on PYTHONPATH); without it the
+# checks run too, with the torchvision rows only.
+#   bash scripts/device_check.sh                     # on a CUDA machine
+#   BUDGET=280 bash scripts/device_check.sh          # the same, in at most 300 s
+#   DEVICE_CHECK_CPU=1 OUT=/tmp/dc bash scripts/device_check.sh   # the CPU part: every step, smaller sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device_check}
@@ -47,7 +45,7 @@ IMAGE=$(find "$DATA/chest_xray_224/test" -name "*.jpeg" 2>/dev/null | sort | hea
 {
   echo "== machine"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  [ -d .dali ] && [ ! -f .dali/site/.done ] && echo "WARNING: .dali/ staged but not installed (run bash .dali/install.sh first): no DALI rows"
+  [ -d .dali ] && [ ! -f .dali/site/.done ] && echo "WARNING: .dali/ present but not installed (run bash .dali/install.sh first): no DALI rows"
   echo "loader for training: $LOADER; cores: $NPROC; data: $DATA ($(find "$DATA/chest_xray_fullres" -name "*.jpeg" 2>/dev/null | wc -l) full-resolution files)"
 } | tee "$OUT/summary.txt"
 
@@ -69,8 +67,8 @@ step() {  # name, seconds, command...: at most what is left of BUDGET; skipped w
 }
 
 step_train() {  # seconds, train.py options...: train with $LOADER; should DALI fail with a minute or
-  # more of the limit left (its first GPU execution on a lent machine), torchvision gets what is left, so
-  # that the loan still yields a training run (the DALI log and any epochs it logged travel in logs.tgz)
+  # more of the limit left, torchvision gets what is left, so that the run still yields a trained model
+  # (the DALI log and any epochs it logged are kept in logs.tgz)
   local limit=$1; shift
   local t0=$SECONDS
   step train "$limit" $PY train.py --loader "$LOADER" "$@" && return 0
@@ -133,7 +131,7 @@ else
 fi
 cp "$OUT"/run/{metrics.json,log.jsonl,learning_curves.png,confusion_matrix.png} "$OUT"/ 2>/dev/null
 rm -rf "$OUT/run"
-# at most 8 files come back from the machine: the logs travel as one archive
+# the step logs packed into one archive, to keep $OUT small
 (cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
 cat "$OUT/summary.txt"
 ls "$OUT"

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.engine import (
-    METRIC_KEYS,
     TRAIN_KEYS,
     best_epoch,
     classification_metrics,

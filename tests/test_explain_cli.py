@@ -49,7 +49,7 @@ def vgg_report(xray_path: str, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """One run shared by the tests: a tiny modelo.h5 with a decision threshold, SLIC and colour
     segmentations, both families, 40 samples, --json (stdout redirected by hand: capsys is function-scoped)."""
     folder = tmp_path_factory.mktemp("explain")
-    weights = tiny_modelo(folder / "modelo.h5", {"decision": DECISION, "settings": {"eval_gain": 1.0}})
+    weights = tiny_modelo(folder / "modelo.h5", {"decision": DECISION})
     out = folder / "out"
     argv = ["--image", xray_path, "--model", "vgg16dwsep", "--weights", str(weights), "--segmentation", "slic",
             "colour", "--family", "logistic", "tree", "--samples", "40", "--seed", "3", "--out", str(out), "--json"]
@@ -289,7 +289,7 @@ def test_bad_values_are_one_line(bad: list[str], xray_path: str, tmp_path: Path,
     assert bad[0] in line
 
 
-@pytest.mark.parametrize("bad", [["--random-weights"], ["--segmentation", "watershed"], ["--model", "resnet"],
+@pytest.mark.parametrize("bad", [["--no-such-option"], ["--segmentation", "watershed"], ["--model", "resnet"],
                                  ["--samples", "many"]])
 @pytest.mark.data
 def test_bad_arguments_exit_with_usage(bad: list[str], xray_path: str, tmp_path: Path) -> None:

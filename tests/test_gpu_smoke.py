@@ -1,7 +1,7 @@
 """scripts/dali_gpu_smoke.py, the device check's first step: on the CPU (its --cpu mode, both sides on
 the CPU) every check passes on the real files, and a loader that drops the partial batch, mixes up the
-labels or drifts in the cached path makes it fail (exit 1), so a broken GPU loader is caught on a lent
-machine before any figure is taken from it."""
+labels or drifts in the cached path makes it fail (exit 1), so a broken GPU loader is caught on the
+GPU before any figure is taken from it."""
 from __future__ import annotations
 
 import json

@@ -63,7 +63,8 @@ def test_train_writes_every_output(small_set, tmp_path):
 
 
 def test_the_decision_rule_is_stored_and_used_by_eval_only(small_set, tmp_path, capsys):
-    summary = train(config_for(small_set, tmp_path, epochs=1, tta=()), torch.device("cpu"))
+    summary = train(config_for(small_set, tmp_path, epochs=1, tta=(2,), num_workers=2, batch_size=4),
+                    torch.device("cpu"))
     decision = read_modelo_metadata(tmp_path / "modelo.h5")["metadata"]["decision"]
     assert decision["rule"] == RECIPES["default"]["decision"] == "threshold"
     assert decision["threshold"] == pytest.approx(summary["best"]["threshold"])
@@ -75,8 +76,12 @@ def test_the_decision_rule_is_stored_and_used_by_eval_only(small_set, tmp_path, 
     result = json.loads(capsys.readouterr().out)
     assert set(result["test"]) == {"no_tta", "tta2"}
     assert result["decision"] == decision
-    # the same seeded evaluation as the training run's own test pass
+    # the same seeded evaluation as the training run's own test pass, TTA copies included, though the
+    # command line left --num-workers and --batch-size at their defaults: they come from the run
     assert result["test"]["no_tta"]["loss"] == pytest.approx(summary["test"]["no_tta"]["loss"], rel=1e-5)
+    for rule in ("mean_probability", "max_confidence"):
+        assert result["test"]["tta2"][rule]["roc_auc"] == pytest.approx(summary["test"]["tta2"][rule]["roc_auc"])
+        assert result["test"]["tta2"][rule]["accuracy"] == summary["test"]["tta2"][rule]["accuracy"]
 
 
 def test_the_brief_recipe_decides_by_argmax_on_the_augmented_test(small_set, tmp_path):
@@ -181,6 +186,40 @@ def test_resume_after_kill_9_loses_at_most_the_epoch_in_progress(small_set, tmp_
     assert "| no TTA |" in out
 
 
+def test_a_run_killed_between_checkpoint_and_modelo_h5_resumes_with_the_right_best_weights(small_set, tmp_path,
+                                                                                               monkeypatch):
+    """The checkpoint is written first; if the run dies before modelo.h5, --resume writes modelo.h5 from
+    the checkpoint (its best epoch was the last one) and rewrites the log from the checkpoint's history."""
+    from models import training
+    from models.h5io import load_modelo_h5
+
+    config = config_for(small_set, tmp_path, epochs=1, tta=(), skip_test=True)
+    monkeypatch.setattr(training.Run, "save_best", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, torch.device("cpu"))
+    monkeypatch.undo()
+    assert not (tmp_path / "modelo.h5").exists() and not (tmp_path / "log.jsonl").exists()
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0, "stale": true}\n{"epoch": 0, "stale": true}\n')
+    train(dataclasses.replace(config, epochs=1), torch.device("cpu"), resume=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved, meta = load_modelo_h5(tmp_path / "modelo.h5")
+    assert meta["metadata"]["best"]["epoch"] == 0
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0] and "stale" not in rows[0]
+
+
+def test_each_loader_of_a_run_draws_its_own_augmentation():
+    from pipelines.loaders import PURPOSE_TEST, PURPOSE_TRAIN, PURPOSE_TTA, PURPOSE_VAL, LoaderSettings, loader_seed
+
+    settings = LoaderSettings(seed=0)
+    seeds = [loader_seed(settings, p) for p in (PURPOSE_TRAIN, PURPOSE_VAL, PURPOSE_VAL + 1, PURPOSE_TEST,
+                                                PURPOSE_TTA + 2, PURPOSE_TTA + 4)]
+    assert len(set(seeds)) == len(seeds)
+    assert loader_seed(LoaderSettings(seed=0, rank=1, world_size=2)) != loader_seed(settings)
+
+
 class _Planted:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -249,6 +288,7 @@ def test_resume_refuses_settings_that_change_the_run(small_set, tmp_path, capsys
     (["--data-dir", ".", "--weights", "modelo.h5"], "--weights is read only with --eval-only"),
     (["--data-dir", ".", "--json"], "--json is for --eval-only"),
     (["--data-dir", ".", "--device", "foo"], "--device foo: expected"),
+    (["--data-dir", ".", "--eval-only", "--weights", "m.h5", "--resume"], "--resume: not for --eval-only"),
 ])
 def test_cli_errors_are_one_clear_line(argv, fragment, capsys):
     assert main(argv) == 2

@@ -33,10 +33,9 @@ def png_as_jpeg(path: str | PathLike[str], width: int = 860, quality: int = 80) 
 
 def metric_rows(test: Mapping[str, Any], label: str = "prediction") -> list[dict[str, Any]]:
     """The rows of ``metrics.json``'s ``test`` block: no TTA, then both TTA rules for each d."""
-    named = [("no TTA", test["no_tta"])]
-    named += [(f"TTA d={key[3:]}, {rule.replace('_', ' ')}", m) for key, rules in test.items()
-              if key.startswith("tta") for rule, m in rules.items()]
-    return [{label: name, **{k: m.get(k) for k in METRIC_COLUMNS}} for name, m in named]
+    from models.training import named_predictions
+
+    return [{label: name, **{k: m.get(k) for k in METRIC_COLUMNS}} for name, m in named_predictions(test)]
 
 
 def show_png(path: str | PathLike[str], width: int = 860) -> None:

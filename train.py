@@ -171,17 +171,13 @@ def count_params(device_name: str, batch_size: int) -> int:
 def format_summary(summary: dict) -> str:
     """A short table of the test metrics of the best weights, without and with TTA, with their
     95 % bootstrap intervals."""
+    from models.training import named_predictions
     from pipelines.tables import markdown_table
 
     best, decision = summary["best"], summary["decision"]
     head = (f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}) of {summary['epochs_run']} run; "
             f"recipe {summary['recipe']}; decision: PNEUMONIA when P >= {decision['threshold']:.3f} "
             f"({decision['rule']}); first convolutions: {summary['pretrained']}")
-    named = [("no TTA", summary["test"]["no_tta"])]
-    for key, value in summary["test"].items():
-        if key != "no_tta":
-            named += [(f"{key}, most confident copy", value["max_confidence"]),
-                      (f"{key}, mean probability", value["mean_probability"])]
 
     def cell(m: dict, key: str) -> str:
         lo, hi = m["ci95"][key]
@@ -189,7 +185,7 @@ def format_summary(summary: dict) -> str:
 
     rows = [{"test prediction": name, "accuracy": cell(m, "accuracy"), "F1": cell(m, "f1"),
              "recall": cell(m, "recall"), "specificity": cell(m, "specificity"), "ROC AUC": m["roc_auc"]}
-            for name, m in named]
+            for name, m in named_predictions(summary["test"])]
     return f"{head}\n{markdown_table(rows)}\n(95 % bootstrap intervals in brackets)"
 
 

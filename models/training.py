@@ -457,6 +457,14 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     return summary
 
 
+def named_predictions(test: dict) -> list[tuple[str, dict]]:
+    """The test block's predictions in reading order, named: no TTA, then each d's two rules."""
+    named = [("no TTA", test["no_tta"])]
+    named += [(f"TTA d={key[3:]}, {rule.replace('_', ' ')}", metrics) for key, rules in test.items()
+              if key.startswith("tta") for rule, metrics in rules.items()]
+    return named
+
+
 def with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, seed: int) -> dict:
     """``classification_metrics`` under the threshold, with 95 % bootstrap intervals (``ci95``)."""
     metrics = classification_metrics(labels, probs, threshold=threshold)

@@ -32,7 +32,7 @@ def test_png_as_jpeg_shrinks_but_never_enlarges(tmp_path):
 def test_metric_rows_lists_no_tta_then_each_rule_of_each_d():
     m = {k: 0.5 for k in ("accuracy", "f1", "precision", "recall", "specificity")} | {"roc_auc": None}
     rows = metric_rows({"no_tta": m, "tta4": {"max_confidence": m, "mean_probability": m}})
-    assert [r["prediction"] for r in rows] == ["no TTA", "TTA d=4, max confidence", "TTA d=4, mean probability"]
+    assert [r["prediction"] for r in rows] == ["no TTA", "TTA d=4, max confidence", "TTA d=4, mean probability"]  # as train.py prints them
     assert rows[0]["roc_auc"] is None and rows[0]["f1"] == 0.5
 
 

@@ -569,13 +569,14 @@ class Explanation:
 
 def pixel_overlap(first: Explanation, second: Explanation, k: int) -> float | None:
     """Jaccard index of the pixels covered by the two explanations' top-k superpixels in favour
-    (comparable across segmentations of the same image); 1 when both are empty, None when either
-    prediction is insensitive (no ranking to compare)."""
+    (comparable across segmentations of the same image); None when either prediction is
+    insensitive or either explanation has no superpixel in favour (nothing to compare)."""
     if first.insensitive or second.insensitive:
         return None
     a, b = first.image_and_mask(k)[1] == 1, second.image_and_mask(k)[1] == 1
-    union = np.count_nonzero(a | b)
-    return float(np.count_nonzero(a & b) / union) if union else 1.0
+    if not a.any() or not b.any():
+        return None
+    return float(np.count_nonzero(a & b) / np.count_nonzero(a | b))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ per-sample loop, the torch adapter and inception transform, the figures' stateme
 segmentations, the brief synthetic training, and the LIME benchmark's pieces."""
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import logging
 from pathlib import Path
@@ -385,6 +387,9 @@ def test_grid_compares_the_same_family_across_segmentations(drawn: list[Figure])
     assert any(f"top-1 pixels shared with slic: {overlap:.2f}" in title for title in titles)
     insensitive = explain_image(grid_image(), constant, grid_segments(), num_samples=50)
     assert pixel_overlap(slic_like, insensitive, 1) is None and figures.top_k_overlap(insensitive, slic_like, 1) is None
+    against_only = dataclasses.replace(slic_like, coefficients=-np.abs(slic_like.coefficients) - 0.1)
+    assert against_only.top(1).size == 0  # no superpixel in favour: nothing to compare, not a perfect overlap
+    assert pixel_overlap(against_only, against_only, 1) is None and pixel_overlap(slic_like, against_only, 1) is None
 
 
 # --- the explanation object --------------------------------------------------------------------

@@ -174,16 +174,16 @@ def plot_importance(explanation: Explanation, k: int, title: str, path: str | Pa
 
 
 def top_k_overlap(first: Explanation, second: Explanation, k: int) -> float | None:
-    """Jaccard index of two explanations' top-k superpixels in favour on the same segmentation (1
-    when both are empty; None when the prediction is insensitive: nothing is ranked)."""
+    """Jaccard index of two explanations' top-k superpixels in favour on the same segmentation; None
+    when the prediction is insensitive or either has no superpixel in favour (nothing to compare)."""
     if first.insensitive or second.insensitive:
         return None
     a, b = set(first.top(k).tolist()), set(second.top(k).tolist())
-    return len(a & b) / len(a | b) if a | b else 1.0
+    return len(a & b) / len(a | b) if a and b else None
 
 
 def _overlap_text(value: float | None) -> str:
-    return "n/a (insensitive)" if value is None else f"{value:.2f}"
+    return "n/a (insensitive, or nothing in favour)" if value is None else f"{value:.2f}"
 
 
 def plot_grid(explanations: Mapping[tuple[str, str], Explanation], k: int, title: str, path: str | Path) -> Path:
@@ -203,9 +203,13 @@ def plot_grid(explanations: Mapping[tuple[str, str], Explanation], k: int, title
             explanation = explanations.get((segmentation, family))
             if explanation is None:
                 continue
-            shown = [] if explanation.insensitive else explanation.top(k)
-            axes[row, column].imshow(highlighted(explanation.image, explanation.segments, shown, FOR_COLOUR))
-            heading = "insensitive: nothing ranked" if explanation.insensitive else f"top {k} for"
+            shown, colour, heading = [], FOR_COLOUR, "insensitive: nothing ranked"
+            if not explanation.insensitive:
+                shown, heading = explanation.top(k), f"top {k} for"
+                if len(shown) == 0:  # every coefficient argues against the class: show those instead
+                    shown, colour = explanation.against(k), AGAINST_COLOUR
+                    heading = f"none in favour; top {k} against (red)"
+            axes[row, column].imshow(highlighted(explanation.image, explanation.segments, shown, colour))
             note = f"{family}: {heading}\n{explanation_note(explanation, 62)}"
             first_family = explanations.get((segmentation, families[0]))
             if column > 1 and first_family is not None:

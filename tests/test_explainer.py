@@ -390,6 +390,9 @@ def test_grid_compares_the_same_family_across_segmentations(drawn: list[Figure])
     against_only = dataclasses.replace(slic_like, coefficients=-np.abs(slic_like.coefficients) - 0.1)
     assert against_only.top(1).size == 0  # no superpixel in favour: nothing to compare, not a perfect overlap
     assert pixel_overlap(against_only, against_only, 1) is None and pixel_overlap(slic_like, against_only, 1) is None
+    assert figures.top_k_overlap(against_only, against_only, 1) is None
+    figures.plot_grid({("slic", "tree"): against_only}, 1, "t", "y.png")
+    assert any("none in favour; top 1 against" in axes.get_title() for axes in drawn[-1].axes)
 
 
 # --- the explanation object --------------------------------------------------------------------

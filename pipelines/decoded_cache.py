@@ -3,10 +3,12 @@
 Resizing is the last deterministic step of the training transform (flip, rotation and noise
 come after it), so an epoch may start from the resized uint8 image instead of the JPEG.
 The cache decodes and resizes with the DALI loader's own graph (`pipelines.dali.decode_resize`)
-rather than with OpenCV's DCT-downscaling decoder, which is faster to fill: a cached
-`DaliLoader` then delivers exactly the images of an uncached one, and the result is closer
-to PIL's decode and bilinear resize (on the 160 full-resolution files, mean |difference|
-0.09 / 255, 99th percentile 1 / 255, against 0.70 / 255 and 6 / 255 for `load_cv2_reduced` +
+on the CPU rather than with OpenCV's DCT-downscaling decoder, which is faster to fill: a cached
+`DaliLoader` on the CPU then delivers exactly the images of an uncached one (on a GPU only
+close to them: the uncached GPU loader decodes with nvJPEG and resizes on the GPU, which round
+differently from libjpeg-turbo and the CPU resize), and the result is closer to PIL's decode
+and bilinear resize (on the 160 full-resolution files, mean |difference| 0.09 / 255, 99th
+percentile 1 / 255, against 0.70 / 255 and 6 / 255 for `load_cv2_reduced` +
 `cv2.resize(INTER_AREA)`).
 
 Memory: a grayscale image is kept as one plane (50 KB at 224 x 224), a colour one as

@@ -1,16 +1,19 @@
 """Does the DALI loader give the right batches on this GPU?  The first step of the device check.
 
 CI runs every DALI graph on the CPU only; the GPU graph (nvJPEG through the `mixed` decoder, the GPU
-resize, flip, rotation and noise, the decoded cache moved with `.gpu()`, DLPack on the device) first
-runs on a CUDA machine.  This checks it against the DALI CPU loader on real files before any figure
+resize, flip, rotation and noise, the decoded cache moved with `.gpu()`, the copy into torch's memory)
+first runs on a CUDA machine.  This checks it against the DALI CPU loader on real files before any figure
 is taken from it, in a few seconds, and exits 1 when a check fails, so that the device check trains
 with the torchvision loader instead of measuring a broken one.  Files: up to 4 colour JPEGs among the
-full-resolution ones (gray and colour files in one batch), gray ones up to 20, and 8 of the 224 set.
+full-resolution ones (gray and colour files in one batch), gray ones up to 20, and 8 of the 224 set (RGB,
+as every file of chest_xray_224: training there never takes the gray branch).
 
 Checks (limits in the table; images float32 in [0, 1] before the noise):
   eval: every file once  both loaders deliver every file once, labels in order (else the rest is skipped)
   eval GPU vs CPU        mean |GPU - CPU| over all values, and the largest per-image mean (nvJPEG's IDCT
                          and DALI's GPU resize differ from libjpeg-turbo's and the CPU resize by rounding)
+  all-RGB batch          the same comparison for one batch of the colour files alone, as chest_xray_224
+                         gives (the gray branch of the decoder gets no sample)
   order and batches      a sampler order with duplicates and a partial last batch: batch sizes, labels
                          in the order, duplicates within 2/255 (nvJPEG may give two copies of a file in
                          one batch to its hardware and to its CUDA decoder)
@@ -98,6 +101,7 @@ def smoke(files: list[str], device_id: int | None, threads: int) -> list[dict]:
     rows.append(check("eval GPU vs CPU: worst image's mean |diff|", float(per_image.max()), "< 0.01",
                       float(per_image.max()) < 0.01))
     rows.append(check("eval GPU vs CPU: max |diff| (reported)", float(diff.max()), "-", True))
+    rows.append(all_rgb_batch(files, loader))
     order = [i for i in range(n) for _ in range(1 + i % 3)][: 2 * BATCH + 5]
     x, y, sizes = run(loader(order))
     pairs = [(a, b) for a in range(len(order)) for b in range(a) if order[a] == order[b]]
@@ -122,6 +126,19 @@ def smoke(files: list[str], device_id: int | None, threads: int) -> list[dict]:
     spin = None if device_id is None else (lambda: torch.cuda._sleep(GPU_SPIN_CYCLES))
     rows.append(consumed_without_waiting(loader(list(range(n)) * 4), loader(list(range(n)) * 4), spin))
     return rows
+
+
+def all_rgb_batch(files: list[str], loader: Callable[..., DaliLoader]) -> dict:
+    """One evaluation batch of the colour files alone, GPU against CPU: mean |diff| and worst image's."""
+    rgb = [i for i, f in enumerate(files) if not one_component(f)][:BATCH]
+    gpu, _, sizes = run(loader(rgb))
+    cpu, _, _ = run(loader(rgb, device=None))
+    if sizes != [len(rgb)] or gpu.shape != cpu.shape:
+        return check("all-RGB batch GPU vs CPU", f"batches {sizes}", f"[{len(rgb)}]", False)
+    diff = (gpu - cpu).abs()
+    mean, worst = float(diff.mean()), float(diff.mean(dim=(1, 2, 3)).max())
+    return check(f"all-RGB batch ({len(rgb)} files) GPU vs CPU: mean / worst image's |diff|",
+                 f"{mean:.5f} / {worst:.5f}", "< 0.005 / < 0.01", mean < 0.005 and worst < 0.01)
 
 
 def consumed_without_waiting(first: Iterable, second: Iterable, spin: Callable[[], None] | None) -> dict:

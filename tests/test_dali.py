@@ -33,6 +33,9 @@ from .helpers import FULLRES, SMALL_224 as SMALL  # noqa: E402
 
 SIZE = 224
 N_INDEX_FILES = 37
+GPU_SPIN_CYCLES = 20_000_000  # torch.cuda._sleep: about 10 ms of one GPU thread spinning
+
+
 def requires_cuda(test):
     """Mark a test ``gpu`` and skip it where CUDA is absent (one decorator for both)."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
@@ -496,12 +499,47 @@ def test_missing_file_raises_file_not_found_naming_it(images, tmp_path):
         collect(loader)
 
 
+# ----- hand-off to torch ------------------------------------------------------------------
+
+
+def span(address: int, nbytes: int) -> range:
+    return range(address, address + nbytes)
+
+
+def overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
+
+
+def test_a_batch_held_while_the_loader_delivers_more_is_unchanged_and_owned_by_torch(images, monkeypatch):
+    """The loader hands torch a copy, not DALI's buffer (whose release DALI does not order after torch's
+    reads): a batch kept while the loader delivers 9 more stays as it was, and no batch overlaps the DALI
+    output it came from (its address read while that output is alive)."""
+    loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=4, augment=True, seed=1)
+    dali_outputs = []
+    epoch = loader._fed.epoch
+
+    def recording(batches):
+        for outputs in epoch(batches):
+            dali_outputs.append(span(outputs[0].data_ptr(), 4 * math.prod(outputs[0].as_tensor().shape())))
+            yield outputs
+
+    monkeypatch.setattr(loader._fed, "epoch", recording)
+    delivered = iter(loader)
+    held, _ = next(delivered)
+    kept = held.clone()
+    owned = [span(held.untyped_storage().data_ptr(), held.untyped_storage().nbytes())]
+    owned += [span(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes()) for x, _ in delivered]
+    assert len(owned) == len(dali_outputs) == 10
+    assert torch.equal(held, kept)
+    assert not any(overlap(mine, theirs) for mine, theirs in zip(owned, dali_outputs))
+
+
 # ----- GPU -------------------------------------------------------------------------------
 
 
 def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
     """The loader's GPU graph, traced in Python without a GPU: the ops (name, device, inputs'
-    devices) and the output node. Building it would need CUDA; tracing it does not.
+    devices, arguments given) and the output node. Building it would need CUDA; tracing it does not.
     ``Pipeline._build_graph`` is DALI 2.4's private step between the definition and the
     backend (pinned version; if DALI renames it this test fails, it does not skip)."""
     feeds = [dali.DECODED] if cached else [dali.ENCODED, dali.GRAY_FLAG]
@@ -511,7 +549,8 @@ def traced_gpu_graph(cached: bool, augment: bool) -> tuple[list, object]:
         batch_size=4, num_threads=1, device_id=0, seed=0,
     )
     pipe._build_graph()
-    ops = [(getattr(op._op, "schema_name", type(op._op).__name__), op._op.device, [i.device for i in op.inputs]) for op in pipe._ops]
+    ops = [(getattr(op._op, "schema_name", type(op._op).__name__), op._op.device, [i.device for i in op.inputs],
+            op._op._init_args) for op in pipe._ops]
     return ops, pipe._graph_out[0]
 
 
@@ -527,23 +566,24 @@ def test_gpu_graph_traces_here_and_puts_the_pixel_work_on_the_gpu(cached, augmen
                   "mixed": set(_registry.mixed_ops())}
     ops, output = traced_gpu_graph(cached, augment)
     assert output.device == "gpu"
-    for name, device, _inputs in ops:
+    for name, device, *_ in ops:
         assert name in registered[device] or f"_{name}" in registered[device], (name, device)
-    devices = {name: device for name, device, _ in ops}
+    devices = {name: device for name, device, *_ in ops}
     if cached:
         assert "decoders__Image" not in devices
     else:
-        assert [d for n, d, _ in ops if n == "decoders__Image"] == ["mixed", "mixed"]  # gray, RGB
+        decoders = [(d, args.get("jpeg_fancy_upsampling")) for n, d, _, args in ops if n == "decoders__Image"]
+        assert decoders == [("mixed", True), ("mixed", True)]  # gray, RGB; chroma upsampled as on the CPU
         assert devices["_conditional__Merge"] == "gpu" and devices["Resize"] == "gpu"
     expected_gpu = {"Transpose"} | ({"Flip", "Rotate", "random__Uniform"} if augment else set())
     assert all(devices[name] == "gpu" for name in expected_gpu), devices
-    arithmetic = [(d, inputs) for n, d, inputs in ops if n == "_ArithmeticGenericOp"]
+    arithmetic = [(d, inputs) for n, d, inputs, _ in ops if n == "_ArithmeticGenericOp"]
     assert arithmetic and all(d == "gpu" and set(inputs) == {"gpu"} for d, inputs in arithmetic), arithmetic
     if not augment:
         assert "random__Uniform" not in devices
     if augment:  # the random arguments of flip and rotate stay on the CPU, as DALI requires
         assert devices["random__CoinFlip"] == "cpu"
-        assert sorted(d for n, d, _ in ops if n == "random__Uniform") == ["cpu", "gpu"]  # angle, noise
+        assert sorted(d for n, d, *_ in ops if n == "random__Uniform") == ["cpu", "gpu"]  # angle, noise
 
 
 @requires_cuda
@@ -571,3 +611,19 @@ def test_gpu_eval_close_to_cpu_eval():
         DaliLoader(files, [0] * len(files), range(len(files)), augment=False, device_id=0)
     )[0]
     assert (gpu.cpu() - cpu).abs().mean() < 0.005
+
+
+@requires_cuda
+def test_gpu_batches_dropped_before_the_gpu_reads_them_keep_their_images(images):
+    """As in training between two loss reads: each batch is read by a kernel queued behind a GPU spin and
+    dropped by the host at once, which runs ahead. The GPU still reads each batch's own images (one grey
+    level of decoder difference allowed; files are 5 apart): DALI writes no later batch into memory that
+    a queued kernel has yet to read."""
+    loader = index_loader(images["index"], range(N_INDEX_FILES), batch_size=4, augment=False, device_id=0)
+    means = []
+    for x, _ in loader:
+        torch.cuda._sleep(GPU_SPIN_CYCLES)
+        means.append(x.mean(dim=(1, 2, 3)))
+    grey = (torch.cat(means) * 255).round().cpu()
+    assert grey.shape == (N_INDEX_FILES,)
+    assert (grey - torch.tensor([index_value(i) for i in range(N_INDEX_FILES)])).abs().max() <= 1

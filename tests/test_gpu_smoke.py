@@ -21,7 +21,8 @@ def test_every_check_passes_on_the_cpu(smoke, tmp_path, capsys):
     out = tmp_path / "smoke.json"
     assert smoke.main(["--cpu", "--data", str(SHARED_DATA), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 9 and all(r["ok"] == "yes" for r in rows), rows
+    assert len(rows) == 10 and all(r["ok"] == "yes" for r in rows), rows
+    assert any(r["check"].startswith("all-RGB batch (12 files)") for r in rows), rows
     files = smoke.pick_files(SHARED_DATA)
     assert len(files) == 28 and sum("chest_xray_224" in f for f in files) == 8
     assert "person1668_bacteria_4421.jpeg" in " ".join(files)  # a colour file among the gray ones

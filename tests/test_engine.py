@@ -361,3 +361,20 @@ def test_resolve_device_refuses_other_names_in_one_line(name, fragment):
 
     with pytest.raises(ValueError, match=fragment):
         resolve_device(name)
+
+
+def test_metric_helpers_refuse_bad_shapes_and_values() -> None:
+    with pytest.raises(ValueError, match="threshold must be in"):
+        decide(PROBS, threshold=1.5)
+    with pytest.raises(ValueError, match="expected labels N and probs N x C"):
+        classification_metrics(LABELS[:3], PROBS)
+    with pytest.raises(ValueError, match="positive class 2 out of range"):
+        classification_metrics(LABELS, PROBS, positive=2)
+    with pytest.raises(ValueError, match="expected N labels and N probabilities"):
+        choose_threshold(LABELS, P_PNEUMONIA[:3])
+    with pytest.raises(ValueError, match="d must be an int >= 1"):
+        tta_probabilities(PROBS, d=0)
+    with pytest.raises(ValueError, match="N\\*d x C"):
+        tta_probabilities(P_PNEUMONIA, d=2)
+    with pytest.raises(ValueError, match="no batches to predict"):
+        predict(tiny_net(), [], CPU)

@@ -94,3 +94,20 @@ def test_the_explainer_reads_the_rule_training_stores(trained):
     loaded = load_vgg16dwsep(weights, torch.device("cpu"), amp=False)
     assert loaded.decision.threshold == pytest.approx(stored["threshold"])
     assert stored["eval_transform"] == "gain" and "x1.35" in loaded.weights_note
+
+
+def test_a_folder_keeps_only_its_images_and_bad_requests_are_refused(trained, tmp_path):
+    from models.inference import classify_files, image_files
+
+    data, weights = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    first = next((data / "test" / "NORMAL").iterdir())
+    (folder / first.name).symlink_to(first)
+    found, skipped = image_files([folder])
+    assert found == [folder / first.name] and skipped == []  # a folder's other files are not images to classify
+    with pytest.raises(ValueError, match="no image files"):
+        classify_files(weights, [], torch.device("cpu"))
+    with pytest.raises(ValueError, match="--tta must be >= 1"):
+        classify_files(weights, found, torch.device("cpu"), copies=0)

@@ -384,3 +384,111 @@ def test_resume_warns_for_settings_that_change_the_augmentation_stream(caplog):
     with caplog.at_level("WARNING"):
         check_resumed_settings(saved, ours, Path("c.pt"))
     assert "num_workers was 1, now 2" in caplog.text and "loader was 'torchvision', now 'dali'" in caplog.text
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"num_workers": -1}, "--num-workers must be >= 0"), ({"seed": -1}, "--seed must be >= 0"),
+    ({"weight_decay": -1e-5}, "--weight-decay must be >= 0"), ({"tta": (0,)}, "--tta values must be >= 1"),
+    ({"train_subset": 4}, "--train-subset must be >= 8"), ({"batch_size": 0}, "--batch-size must be >= 1"),
+])
+def test_bad_settings_name_the_option(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        RunConfig(**kw)
+
+
+@pytest.mark.parametrize("metadata, fragment", [
+    ({}, "stores no decision rule"),
+    ({"decision": {"positive_class": 1, "threshold": 0.5}}, "malformed decision rule"),
+    ({"decision": {"positive_class": 1, "threshold": 1.5, "rule": "threshold", "eval_transform": "gain"}},
+     "malformed decision rule"),
+    ({"decision": {"positive_class": 1, "threshold": 0.5, "rule": "vote", "eval_transform": "gain"}},
+     "malformed decision rule"),
+])
+def test_a_missing_or_malformed_stored_rule_is_one_clear_error(metadata, fragment):
+    from models.config import stored_decision
+
+    with pytest.raises(ValueError, match=fragment):
+        stored_decision(metadata, "m.h5")
+
+
+def scripted_validation(monkeypatch, losses):
+    from models import training
+
+    values = iter(losses)
+
+    def score(self, model, epoch):
+        loss = next(values)
+        return {"loss": loss, "accuracy": 0.5, "f1": 0.5, "balanced_accuracy": 0.5, "chosen_threshold": 0.5}, {}
+
+    monkeypatch.setattr(training.Validation, "score", score)
+
+
+def test_early_stopping_ends_the_run_and_a_resumed_stopped_run_trains_no_more(small_set, tmp_path, monkeypatch,
+                                                                                 caplog):
+    scripted_validation(monkeypatch, [0.5, 0.6, 0.7, 0.8])
+    config = config_for(small_set, tmp_path, epochs=4, tta=(), paciencia=2, skip_test=True)
+    with caplog.at_level("INFO"):
+        summary = train(config, torch.device("cpu"))
+    assert summary["epochs_run"] == 3 and summary["best"]["epoch"] == 0
+    assert "early stopping: validation metric (min) did not improve" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = train(dataclasses.replace(config, epochs=10), torch.device("cpu"), resume=True)
+    assert again["epochs_run"] == 3 and "had already stopped early" in caplog.text
+
+
+def test_no_finite_validation_loss_saves_nothing_and_says_so(small_set, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [float("nan")])
+    with pytest.raises(ValueError, match="no epoch produced a finite validation loss"):
+        train(config_for(small_set, tmp_path, epochs=1, tta=(), skip_test=True), torch.device("cpu"))
+    assert not (tmp_path / "modelo.h5").exists()
+
+
+def test_resume_refuses_a_modelo_h5_the_checkpoint_cannot_restore(small_set, tmp_path, monkeypatch):
+    """modelo.h5 replaced by another run's weights while the checkpoint's best is an older epoch."""
+    from models import training
+
+    scripted_validation(monkeypatch, [0.5, 0.6])
+    config = config_for(small_set, tmp_path, epochs=2, tta=(), skip_test=True)
+    train(config, torch.device("cpu"))
+    monkeypatch.setattr(training, "read_modelo_metadata", lambda path: {"metadata": {"best": {"epoch": 7}}})
+    with pytest.raises(ValueError, match="holds epoch 7, the checkpoint's best is epoch 0"):
+        train(dataclasses.replace(config, epochs=3), torch.device("cpu"), resume=True)
+
+
+def test_a_checkpoint_of_another_version_is_refused(small_set, tmp_path, capsys):
+    torch.save({"version": 1, "settings": {}}, tmp_path / "checkpoint.pt")
+    assert main(["--data-dir", str(small_set), "--out", str(tmp_path), "--no-pretrained", "--resume", *SIZE]) == 2
+    assert "checkpoint version 1, this code reads 2" in capsys.readouterr().err
+
+
+def test_eval_only_refuses_a_model_of_other_classes(small_set, tmp_path):
+    from models import training
+
+    train(config_for(small_set, tmp_path, epochs=1, tta=(), skip_test=True), torch.device("cpu"))
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for name in ("CATS", "DOGS"):
+            (other / split / name).mkdir(parents=True)
+            for f in (small_set / split / ("NORMAL" if name == "CATS" else "PNEUMONIA")).iterdir():
+                (other / split / name / f.name).symlink_to(f)
+    with pytest.raises(ValueError, match="was trained on classes"):
+        training.evaluate_weights(config_for(other, tmp_path), tmp_path / "modelo.h5", torch.device("cpu"))
+
+
+def test_torchrun_with_an_explicit_gpu_is_refused(monkeypatch):
+    from models import training
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun each process takes its own GPU"):
+        training.run(RunConfig(data_dir="d", device="cuda:0"))
+
+
+def test_count_params_prints_both_variants(capsys, monkeypatch):
+    from models import cost
+
+    monkeypatch.setattr(cost, "step_times", lambda *a, **k: {"train_step_s": 1.0, "train_images_per_s": 16.0,
+                                                             "inference_s": 0.5, "inference_images_per_s": 32.0})
+    assert main(["--count-params", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| separable | fp32 |" in out and "| Conv2d | fp32 + channels-last |" in out and "104,196,546" in out

@@ -11,6 +11,15 @@ https://github.com/NVIDIA/DALI/issues/5199) and duplicate indices are delivered 
 occurrence. The inputs are the encoded files, or with a `DecodedCache` the decoded and
 resized images, plus on the CPU the noise of the batch.
 
+Why not DALI's `DALIGenericIterator` (plugin.pytorch) for the outputs: checked with DALI 2.4,
+(1) after a `break` it does not drain what it prefetched, and the next epoch delivered the
+broken epoch's remaining batches; (2) under the dynamic executor it hands torch a zero-copy
+view of DALI's buffer, whose release is not ordered after torch's stream (`_TorchHandOff`);
+(3) it calls `as_tensor()` on every output, which fails on the ragged (one- and three-plane)
+batches `DecodedCache` decodes. Replacing only `DaliLoader`'s schedule/outputs/reset loop
+(`size=-1`, `prepare_first_batch=False`) would still need our break handling, the error
+naming the failing file and the copy; no timing difference was found either way.
+
 Where the CPU time goes (one DALI thread, 1.5 MP grayscale JPEGs, ms per image): decode to
 RGB 3.8, resize to 224 x 224 4.7, rotate 1.5 (0.7 on one plane), DALI's per-value uniform
 noise 1.8 (its CPU generator does not spread over threads), /255, flip, transpose and

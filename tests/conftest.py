@@ -7,15 +7,16 @@ import pytest
 
 from pipelines.synthetic import make_synthetic_dataset
 
-from .helpers import missing_data
+from .helpers import DATA_ENV, missing_data
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the tests marked ``data`` where ../shared/data (the real images) is missing, saying which folder."""
+    """Skip the tests marked ``data`` where the real images (../shared/data, or $NEUMONIA_DATA) are missing,
+    saying which folder."""
     missing = missing_data()
     if missing is None:
         return
-    skip = pytest.mark.skip(reason=f"needs ../shared/data: {missing} is missing")
+    skip = pytest.mark.skip(reason=f"needs the real data: {missing} is missing (set {DATA_ENV} to its folder)")
     for item in items:
         if item.get_closest_marker("data"):
             item.add_marker(skip)

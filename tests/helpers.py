@@ -1,20 +1,24 @@
-"""Paths to the real data in ../shared/data and a picker of real files."""
+"""Paths to the real data (../shared/data, or $NEUMONIA_DATA) and a picker of real files."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: set to the folder holding chest_xray_224/ and chest_xray_fullres/ where ../shared/data is not beside the
+#: project (scripts/device_check.sh sets it to its $DATA for the ``gpu`` tests)
+DATA_ENV = "NEUMONIA_DATA"
+SHARED_DATA = Path(os.environ[DATA_ENV]).resolve() if os.environ.get(DATA_ENV) else ROOT.parent / "shared" / "data"
 FULLRES = SHARED_DATA / "chest_xray_fullres"
 SMALL_224 = SHARED_DATA / "chest_xray_224"
 
 
 def missing_data() -> Path | None:
-    """The first folder of ../shared/data that the ``data`` tests read and that is missing, or None."""
+    """The first folder of ``SHARED_DATA`` that the ``data`` tests read and that is missing, or None."""
     return next((folder for folder in (FULLRES, SMALL_224) if not folder.is_dir()), None)
 
 

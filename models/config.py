@@ -5,7 +5,8 @@ A recipe (``RECIPES``) names the values of the levers that change what the brief
 ``brief`` is the brief's method with nothing added, ``default`` the one chosen on validation
 (RESULTS.md, "Choosing the default recipe"): evaluation images x1.35 and a decision threshold.
 Class weights from the test prior, training the first two convolutions and selecting by balanced
-accuracy were compared there too and lost, so they are not options.  Any lever given explicitly overrides its recipe.
+accuracy were compared there too and lost, so they are not options.  Any lever given explicitly
+overrides its recipe.
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ COMPARED_EVAL_TRANSFORMS = ("brief", "gain", "plain")
 #: P(PNEUMONIA) >= t, t chosen on the validation set replicated to the test's class balance.
 DECISIONS = ("argmax", "threshold")
 LOADERS = ("auto", "torchvision", "dali")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "brief": {"eval_transform": "brief", "decision": "argmax"},
+    "default": {"eval_transform": "gain", "decision": "threshold"},
+}
+LEVERS = tuple(RECIPES["brief"])
+
+
 def eval_gain(eval_transform: str) -> float:
     """The constant an evaluation transform multiplies images by after /255: the training noise's
     mean for ``gain``, 1 for the others."""
@@ -37,18 +46,12 @@ def stored_decision(metadata: dict, path: Any) -> dict[str, Any]:
     decision = metadata.get("decision")
     if decision is None:
         raise ValueError(f"{path} stores no decision rule (written by an older version); train it again")
-    wanted = {"positive_class": int, "threshold": float, "rule": str, "eval_transform": str}
+    wanted = ("positive_class", "threshold", "rule", "eval_transform")
     if not isinstance(decision, dict) or any(k not in decision for k in wanted) \
             or decision["rule"] not in DECISIONS or decision["eval_transform"] not in COMPARED_EVAL_TRANSFORMS \
             or not 0 <= float(decision["threshold"]) <= 1:
         raise ValueError(f"{path}: malformed decision rule {decision!r}")
     return decision
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "brief": {"eval_transform": "brief", "decision": "argmax"},
-    "default": {"eval_transform": "gain", "decision": "threshold"},
-}
-LEVERS = tuple(RECIPES["brief"])
 
 
 @dataclass(frozen=True)

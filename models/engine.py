@@ -217,13 +217,21 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: bool = False,
+    seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Softmax probabilities (N x C, float64), labels (N) and mean cross-entropy over the loader.
 
     Runs in eval mode under ``torch.inference_mode()`` and puts the model back in the mode it
     had. Softmax and loss are computed in float32 even under autocast; results stay on the
-    device until one transfer at the end.
+    device until one transfer at the end. With ``seed``, torch's global generator is seeded for
+    the pass and put back afterwards: a loader without workers draws its augmentation from it, and
+    the caller's own stream (training's dropout) must not depend on how often it predicted.
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return predict(model, loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
+                           progress=progress)
     device = torch.device(device)
     was_training = model.training
     model.eval()

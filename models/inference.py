@@ -76,9 +76,8 @@ def classify_files(weights: str | Path, files: Sequence[Path], device: torch.dev
     dataset = UnlabelledImages(files, chain.train if augment else chain.eval, chain.loader)
     loader = TorchvisionLoader(dataset, RepeatSampler(range(len(files)), copies), batch_size=batch_size,
                                num_workers=num_workers, device=device, seed=derive_seed(seed, Stream.EVAL, bits=31))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, Stream.EVAL))
-        probs, _, _ = predict(model, loader, device, progress=progress, **precision_options(device, amp))
+    probs, _, _ = predict(model, loader, device, progress=progress, seed=derive_seed(seed, Stream.EVAL),
+                          **precision_options(device, amp))
     probs = tta_probabilities(probs, copies)["mean_probability"]
     predicted = decide(probs, float(decision["threshold"]), positive)
     rows = [{"path": str(f), f"p_{classes[positive]}": float(p), "decision": classes[c]}

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig, eval_gain
+from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig, eval_gain, stored_decision
 from models.early_stopping import EarlyStopping
 from models.engine import (bootstrap_intervals, choose_threshold, classification_metrics, cross_fitted_metrics,
                            plot_confusion_matrix, plot_learning_curves, precision_label, precision_options, predict,
                            resolve_device, tta_labels, tta_probabilities, train_one_epoch)
-from models.h5io import load_modelo_h5, read_modelo_metadata, save_modelo_h5
+from models.h5io import read_modelo_metadata, save_modelo_h5
 from models.inference import load_with_decision
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
                                load_vgg16_first_convs, trainable_parameters)
@@ -79,15 +79,6 @@ def predict_all(model: torch.nn.Module, loader, device: torch.device, total: int
     labels = unshard([g[1] for g in gathered], total)
     loss = float(-np.log(np.clip(probs[np.arange(total), labels], 1e-12, None)).mean())
     return probs, labels, loss
-
-
-def seeded_predict(model, loader, device, total: int, seed: int, **opts) -> tuple[np.ndarray, np.ndarray, float]:
-    """``predict_all`` with torch's global generator seeded by ``seed`` for the pass and put back
-    afterwards: a loader without workers draws its augmentation from it, and training's own
-    stream (dropout) must not depend on how often the model was evaluated."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return predict_all(model, loader, device, total, **opts)
 
 
 def build_model(config: RunConfig, device: torch.device) -> VGG16DWSep:
@@ -274,17 +265,17 @@ class Validation:
         the metrics under it) and, with ``compare_eval``, every candidate's."""
         candidates = {}
         ours = None
+        groups = sampler_order(self.samplers.val, epoch) if self.config.compare_eval else None
         for transform, loader in self.loaders.items():
             loader.set_epoch(epoch)
-            probs, labels, loss = seeded_predict(model, loader, self.device, len(self.samplers.val),
-                                                 derive_seed(self.config.seed, Stream.EVAL, epoch), **self.opts)
+            probs, labels, loss = predict_all(model, loader, self.device, len(self.samplers.val),
+                                              seed=derive_seed(self.config.seed, Stream.EVAL, epoch), **self.opts)
             threshold = choose_threshold(labels, probs[:, 1])
             by_rule = {"argmax": classification_metrics(labels, probs, threshold=0.5),  # as the test decides it
                        "threshold": classification_metrics(labels, probs, threshold=threshold)}
             if transform == self.config.eval_transform:
                 ours = by_rule[self.config.decision] | {"loss": loss, "chosen_threshold": threshold}
-            if self.config.compare_eval:
-                groups = sampler_order(self.samplers.val, epoch)
+            if groups is not None:
                 crossed = cross_fitted_metrics(labels, probs, groups, seed=derive_seed(self.config.seed, Stream.CROSS_FIT))
                 candidates[transform] = {"loss": loss} | {
                     rule: {k: m[k] for k in ("accuracy", "f1", "balanced_accuracy", "recall", "specificity")}
@@ -438,17 +429,17 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
             break
     if not run.best:
         raise ValueError(f"no epoch produced a finite validation loss; nothing saved to {config.weights_out}")
-    best_model, meta = load_modelo_h5(config.weights_out, device=device)
     if config.skip_test:
         logger.info("--skip-test: the test split is not scored")
+        decision = stored_decision(read_modelo_metadata(config.weights_out)["metadata"], config.weights_out)
         return {"best": run.best, "test": None, "epochs_run": len(run.history), "weights": str(config.weights_out),
-                "recipe": config.recipe, "levers": config.levers(), "decision": meta["metadata"]["decision"]}
-    metrics = evaluate_test_set(best_model, index, config, backend, device, meta["metadata"]["decision"]["threshold"],
-                                caches)
+                "recipe": config.recipe, "levers": config.levers(), "decision": decision}
+    best_model, _, decision = load_with_decision(config.weights_out, device)
+    metrics = evaluate_test_set(best_model, index, config, backend, device, decision["threshold"], caches)
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(config.weights_out),
                "synthetic_data": config.demo, "world_size": world_size, "precision": precision,
-               "recipe": config.recipe, "levers": config.levers(), "decision": meta["metadata"]["decision"]}
+               "recipe": config.recipe, "levers": config.levers(), "decision": decision}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -483,14 +474,14 @@ def evaluate_test_set(model: torch.nn.Module, index: DatasetIndex, config: RunCo
     caches = {} if caches is None else caches
     plain = make_loader(index, "test", range(n), augment=eval_augments(config.eval_transform), settings=lsettings,
                         device=device, caches=caches, purpose=PURPOSE_TEST)
-    probs, labels, loss = seeded_predict(model, plain, device, n, derive_seed(config.seed, Stream.TEST), **opts)
+    probs, labels, loss = predict_all(model, plain, device, n, seed=derive_seed(config.seed, Stream.TEST), **opts)
     ci_seed = derive_seed(config.seed, Stream.BOOTSTRAP, bits=32)
     results = {"no_tta": with_intervals(labels, probs, threshold, ci_seed) | {"loss": loss}}
     for d in config.tta:
         loader = make_loader(index, "test", RepeatSampler(range(n), d), augment=True, settings=lsettings,
                              device=device, caches=caches, purpose=PURPOSE_TTA + d)
-        probs_d, labels_d, _ = seeded_predict(model, loader, device, n * d, derive_seed(config.seed, Stream.TTA, d),
-                                              **opts)
+        probs_d, labels_d, _ = predict_all(model, loader, device, n * d, seed=derive_seed(config.seed, Stream.TTA, d),
+                                           **opts)
         y = tta_labels(labels_d, d)
         results[f"tta{d}"] = {rule: with_intervals(y, p, threshold, ci_seed)
                               for rule, p in tta_probabilities(probs_d, d).items()}
@@ -550,4 +541,4 @@ def run(config: RunConfig, resume: bool = False) -> dict | None:
     finally:
         if distributed:
             dist.destroy_process_group()
-    return summary if world()[0] == 0 and os.environ.get("RANK", "0") == "0" else None
+    return summary if os.environ.get("RANK", "0") == "0" else None

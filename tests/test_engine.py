@@ -378,3 +378,18 @@ def test_metric_helpers_refuse_bad_shapes_and_values() -> None:
         tta_probabilities(P_PNEUMONIA, d=2)
     with pytest.raises(ValueError, match="no batches to predict"):
         predict(tiny_net(), [], CPU)
+
+
+def test_a_seeded_prediction_repeats_its_draws_and_leaves_the_global_stream_alone() -> None:
+    def drawing_loader():  # like a loader without workers: its augmentation draws from torch's generator
+        for _ in range(2):
+            yield torch.rand(4, 3, 8, 8), torch.randint(0, 2, (4,))
+
+    net = tiny_net()
+    before = torch.get_rng_state()
+    first, _, _ = predict(net, drawing_loader(), CPU, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    again, _, _ = predict(net, drawing_loader(), CPU, seed=3)
+    other, _, _ = predict(net, drawing_loader(), CPU, seed=4)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)

@@ -1,6 +1,7 @@
 # make demo: set up .venv, then train 6 epochs on a generated synthetic set and test it (the whole pipeline, no real data).
 # make test: set up .venv, then run the tests (the DALI CPU tests included).
 # make test-fast: the inner loop, without the slow tests and those that need ../shared/data.
+# make informe: render informe.md to informe.pdf (markdown-pdf, installed by make setup).
 # make bench: every benchmark table on stdout (about 7 min on 2 cores); SECTIONS="transforms loaders" picks.
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench informe clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks $(if $(SECTIONS),--sections $(SECTIONS))
+
+informe: setup
+	$(BIN)/python report.py informe.md informe.pdf
 
 clean:
 	rm -rf out .pytest_cache

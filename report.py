@@ -1,9 +1,9 @@
 """Small display helpers for tarea2.ipynb (tables as Markdown, PNG figures as small JPEGs, the rows
-of the test-metrics table) and its headless execution. Kept here so the notebook's cells only call
-the project.
+of the test-metrics table), its headless execution, and the report's PDF.
 
-    python report.py [tarea2.ipynb]     # execute it in place with this interpreter's kernel
-                                        # (TAREA2_FAST=1 by default: the stored fast run)
+    python report.py [tarea2.ipynb]          # execute it in place with this interpreter's kernel
+                                             # (TAREA2_FAST=1 unless set; the stored copy: README)
+    python report.py informe.md informe.pdf  # render the report (make informe)
 """
 
 from __future__ import annotations
@@ -69,6 +69,39 @@ def execute_notebook(notebook, workdir: str | PathLike[str], kernels: str | Path
     return notebook
 
 
+#: Page style of the report: A4, compact body text, tables and figures that fit the page.
+REPORT_CSS = """
+body { font-family: sans-serif; font-size: 10pt; line-height: 1.3; }
+h1 { font-size: 16pt; } h2 { font-size: 13pt; margin-top: 10pt; } h3 { font-size: 11pt; }
+table { border-collapse: collapse; font-size: 8.5pt; margin: 4pt 0; }
+th, td { border: 1px solid #999; padding: 1pt 4pt; }
+code, pre { font-size: 8.5pt; }
+img { width: 100%; }
+"""
+
+
+def markdown_to_pdf(source: str | PathLike[str], target: str | PathLike[str]) -> int:
+    """Render a Markdown file (tables, images relative to its folder) to an A4 PDF with markdown-pdf;
+    returns the number of pages."""
+    from pathlib import Path
+
+    import pymupdf
+    from markdown_pdf import MarkdownPdf, Section
+
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(f"no such Markdown file: {source}")
+    pdf = MarkdownPdf(toc_level=2, mode="commonmark", optimize=True)
+    pdf.m_d.enable("table")  # GFM tables without gfm-like's linkify dependency
+    pdf.meta["title"] = next((line.lstrip("# ").strip() for line in source.read_text(encoding="utf-8").splitlines()
+                              if line.startswith("# ")), source.stem)
+    pdf.add_section(Section(source.read_text(encoding="utf-8"), root=str(source.parent.resolve()),
+                            paper_size="A4"), user_css=REPORT_CSS)
+    pdf.save(str(target))
+    with pymupdf.open(target) as document:
+        return document.page_count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import os
@@ -78,9 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import nbformat
 
     parser = argparse.ArgumentParser(description="Execute a notebook in place with this interpreter's kernel "
-                                                 "(TAREA2_FAST defaults to 1).")
-    parser.add_argument("notebook", nargs="?", default="tarea2.ipynb", type=Path)
+                                                 "(TAREA2_FAST defaults to 1), or render a Markdown report to PDF.")
+    parser.add_argument("notebook", nargs="?", default="tarea2.ipynb", type=Path,
+                        help="the notebook to execute, or a Markdown report to render (with OUTPUT)")
+    parser.add_argument("output", nargs="?", type=Path, help="the PDF a Markdown report is rendered to")
     args = parser.parse_args(argv)
+    if args.notebook.suffix == ".md":
+        if args.output is None:
+            parser.error("a Markdown report needs the PDF to write: python report.py informe.md informe.pdf")
+        pages = markdown_to_pdf(args.notebook, args.output)
+        print(f"wrote {args.output} ({pages} pages, {args.output.stat().st_size / 1e6:.2f} MB)")
+        return 0
     os.environ.setdefault("TAREA2_FAST", "1")
     notebook = nbformat.read(args.notebook, as_version=4)
     with tempfile.TemporaryDirectory() as kernels:

@@ -51,3 +51,23 @@ def test_linked_subset_links_the_asked_number_per_class_and_split(tiny_folder, t
         linked_subset(tiny_folder, out, {"train": 1})
     with pytest.raises(ValueError, match="fewer"):
         linked_subset(tiny_folder, tmp_path / "big", {"train": 10_000})
+
+
+def test_markdown_to_pdf_renders_tables_and_images_and_counts_pages(tmp_path):
+    from report import markdown_to_pdf
+
+    Image.fromarray(np.full((60, 120, 3), 200, np.uint8)).save(tmp_path / "fig.png")
+    body = "\n\n".join(f"Párrafo {i} con texto suficiente para ocupar una línea entera de la página." for i in range(120))
+    (tmp_path / "r.md").write_text(f"# Informe\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![f](fig.png)\n\n{body}\n",
+                                   encoding="utf-8")
+    pages = markdown_to_pdf(tmp_path / "r.md", tmp_path / "r.pdf")
+    import pymupdf
+
+    with pymupdf.open(tmp_path / "r.pdf") as document:
+        assert pages == document.page_count >= 2  # 120 paragraphs do not fit one page
+        text = document[0].get_text()
+        assert "Informe" in text and "Párrafo 0" in text
+        assert document[0].get_images()  # the figure is embedded
+    with pytest.raises(FileNotFoundError):
+        markdown_to_pdf(tmp_path / "missing.md", tmp_path / "x.pdf")
+

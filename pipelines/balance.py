@@ -14,20 +14,20 @@ import numpy as np
 
 from .data import DatasetIndex, index_dataset
 from .files import atomic_path
-from .samplers import ReplicarMuestreoDePrueba, split_train_val
+from .loaders import make_samplers
 
 logger = logging.getLogger(__name__)
 
 
 def class_balance(index: DatasetIndex, seed: int = 0, val_fraction: float = 0.2) -> dict[str, dict[str, int]]:
-    """Per-class counts of train (after the split), validation (as split and as resampled) and test."""
+    """Per-class counts of train (after the split), validation (as split and as resampled) and test:
+    the split and the samplers a training run with this seed uses (``make_samplers``)."""
     targets = np.asarray(index.train.targets)
-    train_idx, val_idx = split_train_val(targets, val_fraction, seed)
-    sampler = ReplicarMuestreoDePrueba(index.test.targets, val_idx, targets[val_idx], seed=seed)
-    resampled = Counter(targets[list(sampler)].tolist())
+    samplers = make_samplers(index, seed, val_fraction)
+    resampled = Counter(targets[list(samplers.val)].tolist())
     groups = {
-        "train": Counter(targets[train_idx].tolist()),
-        "validation": Counter(targets[val_idx].tolist()),
+        "train": Counter(targets[samplers.train_indices].tolist()),
+        "validation": Counter(targets[samplers.val_indices].tolist()),
         "validation (resampled)": resampled,
         "test": Counter(index.test.targets),
     }

@@ -121,3 +121,25 @@ def test_the_split_and_the_samplers_draw_from_their_own_streams():
     assert list(sampler) != first  # the next epoch is another order
     sampler.set_epoch(0)
     assert list(sampler) == first  # and epoch 0 comes back on resume
+
+
+def test_class_balance_counts_the_runs_split_and_draws_the_figure(tiny_folder, tmp_path):
+    from pipelines.balance import class_balance, main, plot_class_balance
+    from pipelines.data import index_dataset
+    from pipelines.loaders import make_samplers
+
+    index = index_dataset(tiny_folder)
+    balance = class_balance(index, seed=3)
+    samplers = make_samplers(index, seed=3)
+    targets = np.asarray(index.train.targets)
+    assert sum(balance["train"].values()) == len(samplers.train_indices)
+    assert sum(balance["validation"].values()) == len(samplers.val_indices)
+    assert sum(balance["validation (resampled)"].values()) == len(samplers.val)
+    assert balance["validation"][index.classes[0]] == int(np.sum(targets[samplers.val_indices] == 0))
+    test_share = balance["test"][index.classes[0]] / sum(balance["test"].values())
+    resampled_share = balance["validation (resampled)"][index.classes[0]] / len(samplers.val)
+    assert abs(resampled_share - test_share) < 0.1
+    assert plot_class_balance(balance, tmp_path / "b.png").stat().st_size > 0
+    assert main(["--data-dir", str(tiny_folder), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
+    assert main(["--data-dir", str(tmp_path / "missing")]) == 2

@@ -80,6 +80,15 @@ img { width: 100%; }
 """
 
 
+def _missing_headings(markdown: str, pdf_text: str) -> list[str]:
+    """The Markdown headings whose text is not in the PDF (markup and spacing ignored)."""
+    import re
+
+    flat = re.sub(r"\s+", " ", pdf_text)
+    headings = [re.sub(r"[`*_]", "", line.lstrip("#").strip()) for line in markdown.splitlines() if line.startswith("#")]
+    return [h for h in headings if h and re.sub(r"\s+", " ", h) not in flat]
+
+
 def markdown_to_pdf(source: str | PathLike[str], target: str | PathLike[str]) -> int:
     """Render a Markdown file (tables, images relative to its folder) to an A4 PDF with markdown-pdf;
     returns the number of pages."""
@@ -99,7 +108,12 @@ def markdown_to_pdf(source: str | PathLike[str], target: str | PathLike[str]) ->
                             paper_size="A4"), user_css=REPORT_CSS)
     pdf.save(str(target))
     with pymupdf.open(target) as document:
-        return document.page_count
+        missing = _missing_headings(source.read_text(encoding="utf-8"), "".join(page.get_text() for page in document))
+        pages = document.page_count
+    if missing:  # PyMuPDF's Story stops quietly at content it cannot place, e.g. a figure taller than a page
+        raise ValueError(f"{target}: the PDF stops before {missing[0]!r} ({len(missing)} headings lost); "
+                         "a figure taller than the page? give it a smaller width")
+    return pages
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,3 +71,32 @@ def test_markdown_to_pdf_renders_tables_and_images_and_counts_pages(tmp_path):
     with pytest.raises(FileNotFoundError):
         markdown_to_pdf(tmp_path / "missing.md", tmp_path / "x.pdf")
 
+
+def test_committed_report_pdf_has_at_most_ten_pages():
+    """The brief's limit: 8 pages plus 2 of annexes."""
+    import pymupdf
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "informe.md").is_file()
+    with pymupdf.open(root / "informe.pdf") as document:
+        assert 1 <= document.page_count <= 10
+    assert (root / "informe.pdf").stat().st_mtime >= 0
+
+
+def test_every_figure_the_report_shows_is_in_the_repository():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "informe.md").read_text(encoding="utf-8"))
+    assert figures and [f for f in figures if not (root / f).is_file()] == []
+
+
+def test_markdown_to_pdf_refuses_a_pdf_that_lost_content(tmp_path):
+    from report import markdown_to_pdf
+
+    Image.fromarray(np.full((1200, 300, 3), 200, np.uint8)).save(tmp_path / "tall.png")  # taller than a page at full width
+    (tmp_path / "r.md").write_text("# Informe\n\n![t](tall.png)\n\n## Anexo\n\ntexto\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="Anexo"):
+        markdown_to_pdf(tmp_path / "r.md", tmp_path / "r.pdf")
+    (tmp_path / "s.md").write_text('# Informe\n\n<img src="tall.png" width="120">\n\n## Anexo\n\ntexto\n', encoding="utf-8")
+    assert markdown_to_pdf(tmp_path / "s.md", tmp_path / "s.pdf") >= 1

@@ -100,15 +100,15 @@ def markdown_to_pdf(source: str | PathLike[str], target: str | PathLike[str]) ->
     source, target = Path(source), Path(target)
     if not source.is_file():
         raise FileNotFoundError(f"no such Markdown file: {source}")
+    text = source.read_text(encoding="utf-8")
     pdf = MarkdownPdf(toc_level=2, mode="commonmark", optimize=True)
     pdf.m_d.enable("table")  # GFM tables without gfm-like's linkify dependency
-    pdf.meta["title"] = next((line.lstrip("# ").strip() for line in source.read_text(encoding="utf-8").splitlines()
-                              if line.startswith("# ")), source.stem)
-    pdf.add_section(Section(source.read_text(encoding="utf-8"), root=str(source.parent.resolve()),
-                            paper_size="A4"), user_css=REPORT_CSS)
+    pdf.meta["title"] = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("# ")),
+                             source.stem)
+    pdf.add_section(Section(text, root=str(source.parent.resolve()), paper_size="A4"), user_css=REPORT_CSS)
     pdf.save(str(target))
     with pymupdf.open(target) as document:
-        missing = _missing_headings(source.read_text(encoding="utf-8"), "".join(page.get_text() for page in document))
+        missing = _missing_headings(text, "".join(page.get_text() for page in document))
         pages = document.page_count
     if missing:  # PyMuPDF's Story stops quietly at content it cannot place, e.g. a figure taller than a page
         raise ValueError(f"{target}: the PDF stops before {missing[0]!r} ({len(missing)} headings lost); "

@@ -72,22 +72,27 @@ def test_markdown_to_pdf_renders_tables_and_images_and_counts_pages(tmp_path):
         markdown_to_pdf(tmp_path / "missing.md", tmp_path / "x.pdf")
 
 
-def test_committed_report_pdf_has_at_most_ten_pages():
-    """The brief's limit: 8 pages plus 2 of annexes."""
+def test_committed_report_pdf_has_at_most_ten_pages_and_every_section():
+    """The brief's limit: 8 pages plus 2 of annexes; and the PDF holds every heading of informe.md
+    (rendered from it, not from an older text)."""
     import pymupdf
 
+    from report import _missing_headings
+
     root = Path(__file__).resolve().parents[1]
-    assert (root / "informe.md").is_file()
     with pymupdf.open(root / "informe.pdf") as document:
         assert 1 <= document.page_count <= 10
-    assert (root / "informe.pdf").stat().st_mtime >= 0
+        text = "".join(page.get_text() for page in document)
+    assert _missing_headings((root / "informe.md").read_text(encoding="utf-8"), text) == []
 
 
 def test_every_figure_the_report_shows_is_in_the_repository():
     import re
 
     root = Path(__file__).resolve().parents[1]
-    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "informe.md").read_text(encoding="utf-8"))
+    text = (root / "informe.md").read_text(encoding="utf-8")
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text) + re.findall(r'<img src="([^"]+)"', text)
+    assert len(figures) == text.count("![") + text.count("<img ")
     assert figures and [f for f in figures if not (root / f).is_file()] == []
 
 

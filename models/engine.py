@@ -465,27 +465,40 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
     return _save(figure, path)
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
-                          path: str | Path, title: str = "") -> Path:
+#: The confusion matrix's axis and colour-bar labels: predicted, true, share of the true class.
+CONFUSION_LABELS = ("predicted", "true", "share of true class")
+
+
+def confusion_matrix_figure(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str], title: str = "",
+                            labels: Sequence[str] = CONFUSION_LABELS) -> Figure:
     """Counts and row percentages (of each true class) in every cell, coloured by the row
-    percentage; written atomically to ``path``."""
+    percentage; ``labels`` names the axes and the colour bar (another language, say)."""
     counts = np.asarray(cm)
     if counts.ndim != 2 or counts.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix of shape {counts.shape} does not match class names {list(class_names)}")
+    if len(labels) != 3:
+        raise ValueError(f"labels: (predicted, true, colour bar), got {list(labels)}")
+    predicted, true, share = labels
     row_sums = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
     figure = Figure(figsize=(1.6 * len(class_names) + 2.5, 1.4 * len(class_names) + 1.5))
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axes, label="share of true class")
+    figure.colorbar(image, ax=axes, label=share)
     for (row, column), count in np.ndenumerate(counts):
         colour = "white" if shares[row, column] > 0.5 else "black"
         axes.text(column, row, f"{count}\n{100 * shares[row, column]:.1f}%", ha="center", va="center", color=colour)
     ticks = range(len(class_names))
     axes.set_xticks(ticks, labels=list(class_names))
     axes.set_yticks(ticks, labels=list(class_names))
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
+    axes.set_xlabel(predicted)
+    axes.set_ylabel(true)
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return figure
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
+                          path: str | Path, title: str = "", labels: Sequence[str] = CONFUSION_LABELS) -> Path:
+    """``confusion_matrix_figure`` written atomically to ``path``."""
+    return _save(confusion_matrix_figure(cm, class_names, title, labels), path)

@@ -288,6 +288,20 @@ def test_confusion_matrix_checks_the_class_names(tmp_path) -> None:
         plot_confusion_matrix([[2, 1], [0, 3]], ["NORMAL"], tmp_path / "cm.png")
 
 
+def test_confusion_matrix_labels_can_be_given_in_another_language() -> None:
+    from models.engine import confusion_matrix_figure
+
+    figure = confusion_matrix_figure([[2, 1], [0, 3]], ["NORMAL", "PNEUMONIA"],
+                                     labels=("predicha", "real", "fracción de la clase real"))
+    axes, bar = figure.axes
+    assert (axes.get_xlabel(), axes.get_ylabel(), bar.get_ylabel()) == ("predicha", "real", "fracción de la clase real")
+    assert [t.get_text() for t in axes.texts] == ["2\n66.7%", "1\n33.3%", "0\n0.0%", "3\n100.0%"]
+    english = confusion_matrix_figure([[2, 1], [0, 3]], ["NORMAL", "PNEUMONIA"]).axes[0]
+    assert (english.get_xlabel(), english.get_ylabel()) == ("predicted", "true")
+    with pytest.raises(ValueError, match="labels"):
+        confusion_matrix_figure([[2, 1], [0, 3]], ["NORMAL", "PNEUMONIA"], labels=("a", "b"))
+
+
 def test_a_threshold_moves_the_decision_and_the_metrics_record_it() -> None:
     metrics = classification_metrics(LABELS, PROBS, threshold=0.65)  # the 0.7 NORMAL and 0.6 PNEUMONIA flip
     assert metrics["confusion_matrix"] == [[2, 1], [2, 3]] and metrics["threshold"] == 0.65

@@ -105,9 +105,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="score validation under every evaluation transform and decision each epoch (log.jsonl)")
     exp.add_argument("--skip-test", action="store_true",
                      help="train and validate only, leaving the test split unscored (for choosing on validation)")
-    exp.add_argument("--ema", type=float, default=defaults.ema, metavar="DECAY",
-                     help="validate and keep an exponential moving average of the weights with this decay "
-                          "(warmed up over the first steps); 0 = off (default: %(default)s)")
     exp.add_argument("--decoded-cache", action="store_true",
                      help="decode and resize every file once, before training, and augment from the cache")
     return p
@@ -135,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pretrained=not args.no_pretrained, vgg16_weights=args.vgg16_weights, train_subset=args.train_subset,
         image_size=args.image_size, tta=tuple(args.tta), amp=not args.no_amp, demo=args.demo,
         decoded_cache=args.decoded_cache, compare_eval=args.compare_eval, skip_test=args.skip_test, eval_transform=args.eval_transform,
-        decision=args.decision, ema=args.ema)
+        decision=args.decision)
 
 
 def check_data(data_dir: str | Path, seed: int) -> int:

@@ -4,9 +4,9 @@
 A recipe (``RECIPES``) names the values of the levers that change what the brief wrote:
 ``brief`` is the brief's method with nothing added, ``default`` the one chosen on validation
 (RESULTS.md, "Choosing the default recipe"): evaluation images x1.35 and a decision threshold.
-Class weights from the test prior, training the first two convolutions and selecting by balanced
-accuracy were compared there too and lost, so they are not options.  Any lever given explicitly
-overrides its recipe.
+Class weights from the test prior, training the first two convolutions, selecting by balanced
+accuracy and an exponential moving average of the weights were compared there too and lost, so they
+are not options.  Any lever given explicitly overrides its recipe.
 """
 from __future__ import annotations
 
@@ -81,9 +81,6 @@ class RunConfig:
     decoded_cache: bool = False
     compare_eval: bool = False
     skip_test: bool = False
-    #: decay of an exponential moving average of the weights, validated and saved instead of the
-    #: raw weights; 0 = off (compared on validation in RESULTS.md)
-    ema: float = 0.0
     # the levers; None = the recipe's value (resolved in __post_init__)
     eval_transform: str | None = None
     decision: str | None = None
@@ -108,8 +105,6 @@ class RunConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if any(d < 1 for d in self.tta):
             raise ValueError(f"--tta values must be >= 1, got {list(self.tta)}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"--ema must lie in [0, 1) (0 = off), got {self.ema}")
         if self.train_subset is not None and self.train_subset < 8:
             raise ValueError(f"--train-subset must be >= 8, got {self.train_subset}")
         if self.image_size < 32 or self.image_size % 32:

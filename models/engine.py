@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from pipelines.files import atomic_path
@@ -144,7 +143,6 @@ def train_one_epoch(
     progress: bool = True,
     max_batches: int | None = None,
     check_every: int | None = None,
-    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass of cross-entropy training; returns ``TRAIN_KEYS`` (loss and accuracy averaged
     per image, throughput in images per second).
@@ -157,7 +155,6 @@ def train_one_epoch(
     step, so with 1 the weights stay those of the last finite batch, and with k > 1 up to k - 1
     steps may have used a non-finite loss before the error (the epoch's checkpoint and modelo.h5
     on disk are older and untouched). The progress bar's loss is updated at each check.
-    ``after_step`` is called after every optimizer step (the weight average's update).
     """
     if amp_dtype == torch.float16:
         raise ValueError("amp_dtype torch.float16 needs gradient scaling; use torch.bfloat16")
@@ -194,8 +191,6 @@ def train_one_epoch(
         if len(pending) == every:
             read_losses()
         optimizer.step()
-        if after_step is not None:
-            after_step()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
     if pending:
         read_losses()
@@ -212,29 +207,6 @@ def train_one_epoch(
     }
     logger.debug("epoch %d train: %s", epoch, stats)
     return stats
-
-
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and BatchNorm statistics
-    (``torch.optim.swa_utils.AveragedModel``, ``use_buffers=True``); call
-    ``update_parameters(model)`` after each optimizer step.
-
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the average
-    forgets the random initialisation within the first few dozen steps instead of after
-    ~1 / (1 - decay) of them (a short run would otherwise be scored mostly on its initial weights).
-    Integer buffers (BatchNorm's batch counter) are copied.
-    """
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
-
-    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
-            return
-        kept = torch.clamp((1 + n) / (10 + n), max=decay)
-        torch._foreach_lerp_(averaged, current, (1 - kept).to(averaged[0].dtype))
-
-    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
 
 
 def predict(

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 
 from models.config import COMPARED_EVAL_TRANSFORMS, RunConfig, eval_gain, stored_decision
 from models.early_stopping import EarlyStopping
 from models.engine import (bootstrap_intervals, choose_threshold, classification_metrics, cross_fitted_metrics,
                            plot_confusion_matrix, plot_learning_curves, precision_label, precision_options, predict,
-                           ema_model, resolve_device, tta_labels, tta_probabilities, train_one_epoch)
+                           resolve_device, tta_labels, tta_probabilities, train_one_epoch)
 from models.h5io import read_modelo_metadata, save_modelo_h5
 from models.inference import load_with_decision
 from models.vgg16dwsep import (VGG16DWSep, count_parameters, freeze_first_convs, imagenet_vgg16_state_dict,
@@ -154,7 +153,7 @@ def model_metadata(config: RunConfig, index: DatasetIndex, best: dict, pretraine
 #: optimiser, the selection and where the best weights so far are; the number of torchrun
 #: processes is checked beside them. Others may change (--epochs to go further, --device, --tta, ...).
 RESUME_MUST_MATCH = ("data_dir", "seed", "train_subset", "batch_size", "lr", "weight_decay", "paciencia",
-                     "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision", "ema")
+                     "image_size", "weights_out", "demo", "pretrained", "eval_transform", "decision")
 #: Settings that may change on resume, with a warning: the run goes on, but its augmentation stream
 #: (seeded per worker) or its numerics are no longer those of one uninterrupted run.
 RESUME_WARN = ("loader", "amp", "decoded_cache", "num_workers", "device")
@@ -208,11 +207,9 @@ def load_checkpoint(ckpt_path: Path, config: RunConfig, world_size: int = 1) -> 
 
 
 def restore(ckpt: dict, ckpt_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            stopper: EarlyStopping, ema: AveragedModel | None = None) -> tuple[list[dict], dict, int, bool]:
+            stopper: EarlyStopping) -> tuple[list[dict], dict, int, bool]:
     """Load a checked checkpoint into the run; return (history, best, next epoch, had it stopped early)."""
     model.load_state_dict(ckpt["model"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     stopper.load_state_dict(ckpt["early_stopping"])
     set_rng_state(ckpt["rng"])
@@ -300,19 +297,13 @@ class Run:
     world_size: int = 1
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=dict)
-    ema: AveragedModel | None = None
-
-    @property
-    def evaluated(self) -> torch.nn.Module:
-        """The weights validated and kept: the moving average with ``--ema``, else the trained ones."""
-        return self.ema.module if self.ema is not None else self.model
 
     @property
     def out(self) -> Path:
         return Path(self.config.out)
 
     def save_best(self) -> None:
-        save_modelo_h5(self.config.weights_out, self.evaluated, class_names=self.index.classes,
+        save_modelo_h5(self.config.weights_out, self.model, class_names=self.index.classes,
                        metadata=model_metadata(self.config, self.index, self.best, self.pretrained_note))
 
     def reconcile_best_weights(self, last_epoch: int) -> None:
@@ -341,8 +332,7 @@ class Run:
         save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                         early_stopping=self.stopper.state_dict(), rng=rng_state(), epoch=row["epoch"],
                         history=self.history, best=self.best, settings=self.config.asdict(),
-                        stopped=stop, world_size=self.world_size,
-                        **({"ema": self.ema.state_dict()} if self.ema is not None else {}))
+                        stopped=stop, world_size=self.world_size)
         if improved:
             self.save_best()
         append_jsonl(self.out / LOG, row)
@@ -380,15 +370,12 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
               torch.optim.Adam(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay),
               EarlyStopping(modo="min", paciencia=config.paciencia),
               first_convs_note(config), world_size)
-    if config.ema:
-        run.ema = ema_model(model, config.ema)
-        logger.info("validating and keeping an exponential moving average of the weights, decay %g", config.ema)
     logger.info("VGG16DWSep: %s parameters, %s trainable", f"{count_parameters(model):,}",
                 f"{count_parameters(model, trainable_only=True):,}")
     start_epoch = 0
     if ckpt is not None:
         run.history, run.best, start_epoch, stopped = restore(ckpt, run.out / CHECKPOINT, model, run.optimizer,
-                                                               run.stopper, run.ema)
+                                                               run.stopper)
         del ckpt
         if main_process:
             run.reconcile_best_weights(start_epoch - 1)
@@ -412,12 +399,12 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     for epoch in range(start_epoch, config.epochs):
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(net, train_loader, run.optimizer, device, epoch=epoch, progress=main_process,
-                             after_step=None if run.ema is None else lambda: run.ema.update_parameters(model), **opts)
+                             **opts)
         val_start = time.perf_counter()
         if world_size > 1:  # every rank validates the weights and BatchNorm statistics rank 0 saves
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
-        va, candidates = validation.score(run.evaluated, epoch)
+        va, candidates = validation.score(model, epoch)
         improved = run.stopper.improves(va["loss"])  # strictly better: only then are the best weights replaced
         stop = run.stopper.deberia_parar(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],

@@ -407,27 +407,3 @@ def test_a_seeded_prediction_repeats_its_draws_and_leaves_the_global_stream_alon
     other, _, _ = predict(net, drawing_loader(), CPU, seed=4)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
-
-
-def test_ema_warms_up_then_decays_at_its_rate_and_copies_integer_buffers() -> None:
-    from models.engine import ema_model
-
-    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2))
-    ema = ema_model(net, decay=0.5)
-    expected = net[0].weight.detach().clone()
-    for step in range(6):
-        with torch.no_grad():
-            net[0].weight.add_(1.0)
-        net(torch.randn(4, 2))  # moves BatchNorm's statistics and its integer batch counter
-        ema.update_parameters(net)
-        if step == 0:  # the first update copies
-            expected = net[0].weight.detach().clone()
-        else:  # after n updates the average keeps min(decay, (1 + n) / (10 + n)) of itself
-            kept = min(0.5, (1 + step) / (10 + step))
-            expected = kept * expected + (1 - kept) * net[0].weight.detach()
-        assert torch.allclose(ema.module[0].weight, expected), step
-    assert not torch.allclose(ema.module[0].weight, net[0].weight)  # it lags the trained weights
-    assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked == 6
-    assert not torch.allclose(ema.module[1].running_mean, net[1].running_mean)  # statistics averaged too
-    with pytest.raises(ValueError, match="decay"):
-        ema_model(net, decay=1.0)

@@ -440,7 +440,7 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
     summary = {"best": run.best, "test": metrics, "pretrained": run.pretrained_note,
                "epochs_run": len(run.history), "weights": str(config.weights_out),
                "synthetic_data": config.demo, "world_size": world_size, "precision": precision,
-               "recipe": config.recipe, "levers": config.levers(), "decision": decision}
+               "recipe": config.recipe, "levers": config.levers(), "decision": decision, "settings": config.asdict()}
     if main_process:
         with atomic_path(run.out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

@@ -82,3 +82,43 @@ def test_every_mode_comes_out_of_the_skimage_decoder_as_rgb8(tmp_path):
         assert arr.shape == (48, 64, 3) and arr.dtype == np.uint8, (mode, arr.shape, arr.dtype)
         assert arr[:, :4].mean() < 30 and arr[:, -4:].mean() > 200, mode
         assert np.abs(arr.astype(int) - np.asarray(imageio.load_pil(path), int)).max() <= 12, mode
+
+
+def test_seed_spread_gives_each_run_then_mean_and_spread_and_refuses_other_methods(tmp_path, capsys):
+    import json
+
+    from benchmarks import seed_spread
+
+    def metrics(accuracy: float, seed: int, **settings) -> dict:
+        test = {"accuracy": accuracy, "f1": 0.8, "recall": 1.0, "specificity": accuracy - 0.3,
+                "balanced_accuracy": 0.7, "roc_auc": 0.9, "threshold": 0.6,
+                "ci95": {"accuracy": [accuracy - 0.04, accuracy + 0.04]}}
+        return {"best": {"epoch": seed + 4, "val_loss": 0.1}, "epochs_run": 10, "recipe": "default",
+                "levers": {"decision": "threshold"}, "pretrained": "NONE", "synthetic_data": False,
+                "settings": {"seed": seed, "epochs": 30, "out": f"out/s{seed}", **settings},
+                "test": {"no_tta": test, "tta4": {"mean_probability": test | {"accuracy": 0.5}}}}
+
+    paths = []
+    for seed, accuracy in ((0, 0.78), (1, 0.84)):
+        paths.append(tmp_path / f"full_seed{seed}_metrics.json")
+        paths[-1].write_text(json.dumps(metrics(accuracy, seed)))
+    assert seed_spread.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "| full_seed0 | 4 | 10 | 0.100 | 0.600 | 0.780 [0.740, 0.820] |" in out
+    assert "| accuracy | 2 | 0.810 | 0.780 | 0.840 | 0.060 |" in out
+    assert "| specificity | 2 | 0.510 | 0.480 | 0.540 | 0.060 |" in out
+    assert seed_spread.main([str(p) for p in paths] + ["--prediction", "tta4.mean_probability"]) == 0
+    assert "| accuracy | 2 | 0.500 | 0.500 | 0.500 | 0.000 |" in capsys.readouterr().out
+
+    assert seed_spread.main([str(paths[0]), "--prediction", "tta4"]) == 2
+    assert "tta4.mean_probability" in capsys.readouterr().err
+    other = tmp_path / "longer_metrics.json"
+    other.write_text(json.dumps(metrics(0.9, 2, epochs=60)))
+    assert seed_spread.main([str(paths[0]), str(other)]) == 2
+    assert "differ in epochs" in capsys.readouterr().err
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0}')
+    assert seed_spread.main([str(tmp_path / "log.jsonl")]) == 2
+    assert "not the metrics.json" in capsys.readouterr().err
+    (tmp_path / "half.json").write_text("{\"best\": ")
+    assert seed_spread.main([str(tmp_path / "half.json")]) == 2
+    assert "not JSON" in capsys.readouterr().err

@@ -394,6 +394,8 @@ def train(config: RunConfig, device: torch.device, resume: bool = False) -> dict
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if start_epoch == 0:  # each rank its own dropout masks; a resumed run goes on with the checkpoint's stream
         torch.manual_seed(derive_seed(config.seed, Stream.DROPOUT, rank))
+    elif world_size > 1:  # the checkpoint holds rank 0's generator: each rank its own stream again
+        torch.manual_seed(derive_seed(config.seed, Stream.DROPOUT, rank, start_epoch))
     precision = precision_label(opts)
     logger.info("precision: %s", precision)
     for epoch in range(start_epoch, config.epochs):

@@ -116,6 +116,10 @@ def test_seed_spread_gives_each_run_then_mean_and_spread_and_refuses_other_metho
     other.write_text(json.dumps(metrics(0.9, 2, epochs=60)))
     assert seed_spread.main([str(paths[0]), str(other)]) == 2
     assert "differ in epochs" in capsys.readouterr().err
+    brief = tmp_path / "brief_metrics.json"  # no settings recorded (older files): the method is still compared
+    brief.write_text(json.dumps({k: v for k, v in metrics(0.8, 3).items() if k != "settings"} | {"recipe": "brief"}))
+    assert seed_spread.main([str(paths[0]), str(brief)]) == 2
+    assert "differ in recipe" in capsys.readouterr().err
     (tmp_path / "log.jsonl").write_text('{"epoch": 0}')
     assert seed_spread.main([str(tmp_path / "log.jsonl")]) == 2
     assert "not the metrics.json" in capsys.readouterr().err

@@ -73,6 +73,38 @@ def test_stored_notebook_is_the_full_run_in_the_briefs_order():
     assert any(line.startswith("z: (1000,") for line in stdout_lines(notebook, "z: "))  # >= 1000 samples
 
 
+def test_the_source_the_stored_notebook_shows_is_the_current_code():
+    """``fuente(...)`` prints `module.qualname` and its source: a change to that code leaves the stored
+    notebook showing the old one until it is executed again."""
+    import importlib
+    import inspect
+
+    shown = "\n".join(markdown_outputs(nbformat.read(NOTEBOOK, as_version=4)))
+    blocks = re.findall(r"`([\w.]+)`\n```python\n(.*?)\n```", shown, flags=re.S)
+    assert len(blocks) >= 10
+    stale = []
+    for dotted, source in blocks:
+        module, _, qualname = dotted.rpartition(".")
+        while module and not _importable(module):
+            module, _, outer = module.rpartition(".")
+            qualname = f"{outer}.{qualname}"
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if inspect.getsource(obj).rstrip() != source:
+            stale.append(dotted)
+    assert stale == [], f"execute tarea2.ipynb again (README): it shows old source of {stale}"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_notebook_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

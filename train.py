@@ -172,19 +172,16 @@ def format_summary(summary: dict) -> str:
     """A short table of the test metrics of the best weights, without and with TTA, with their
     95 % bootstrap intervals."""
     from models.training import named_predictions
-    from pipelines.tables import markdown_table
+    from pipelines.tables import markdown_table, with_interval
 
     best, decision = summary["best"], summary["decision"]
     head = (f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}) of {summary['epochs_run']} run; "
             f"recipe {summary['recipe']}; decision: PNEUMONIA when P >= {decision['threshold']:.3f} "
             f"({decision['rule']}); first convolutions: {summary['pretrained']}")
 
-    def cell(m: dict, key: str) -> str:
-        lo, hi = m["ci95"][key]
-        return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
-
-    rows = [{"test prediction": name, "accuracy": cell(m, "accuracy"), "F1": cell(m, "f1"),
-             "recall": cell(m, "recall"), "specificity": cell(m, "specificity"), "ROC AUC": m["roc_auc"]}
+    rows = [{"test prediction": name, "accuracy": with_interval(m, "accuracy"), "F1": with_interval(m, "f1"),
+             "recall": with_interval(m, "recall"), "specificity": with_interval(m, "specificity"),
+             "ROC AUC": m["roc_auc"]}
             for name, m in named_predictions(summary["test"])]
     return f"{head}\n{markdown_table(rows)}\n(95 % bootstrap intervals in brackets)"
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.cli import run_cli, script_parser
-from pipelines.tables import markdown_table
+from pipelines.tables import markdown_table, with_interval
 
 FIGURES = ("accuracy", "f1", "recall", "specificity", "balanced_accuracy", "roc_auc")
 SAME = ("recipe", "levers", "pretrained", "synthetic_data")
@@ -61,13 +61,6 @@ def prediction_block(metrics: dict, prediction: str, name: str) -> dict:
                  for r in (v if k != "no_tta" else [None])]
         raise ValueError(f"{name}: no test figures for {prediction!r}; it has {', '.join(rules)}")
     return found
-
-
-def with_interval(metrics: dict, key: str) -> str:
-    if key not in metrics.get("ci95", {}):
-        return f"{metrics[key]:.3f}"
-    low, high = metrics["ci95"][key]
-    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def run_rows(named: Sequence[tuple[str, dict]], prediction: str = "no_tta") -> list[dict]:

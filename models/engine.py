@@ -228,8 +228,8 @@ def predict(
     the caller's own stream (training's dropout) must not depend on how often it predicted.
     """
     if seed is not None:
-        cuda = torch.device(device).type == "cuda"
-        forked = [torch.device(device).index or 0] if cuda else []  # manual_seed seeds CUDA too: put it back
+        where = torch.device(device)
+        forked = [where.index or 0] if where.type == "cuda" else []  # manual_seed seeds CUDA too: put it back
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed)
             return predict(model, loader, device, amp_dtype=amp_dtype, channels_last=channels_last,

@@ -1,4 +1,5 @@
-"""Markdown tables: the one helper every table of the project is printed with."""
+"""Markdown tables: the one helper every table of the project is printed with, and the one way a
+figure is shown with its 95 % interval."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -21,3 +22,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def with_interval(metrics: Mapping[str, Any], key: str) -> str:
+    """``metrics[key]`` as "0.781 [0.740, 0.822]" with its interval from ``metrics["ci95"]``, or
+    alone ("0.923") when it has none."""
+    if key not in metrics.get("ci95", {}):
+        return f"{metrics[key]:.3f}"
+    low, high = metrics["ci95"][key]
+    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
